@@ -1,0 +1,1 @@
+"""Franca: nested Matryoshka clustering for visual representation learning."""

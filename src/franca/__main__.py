@@ -1,0 +1,5 @@
+import sys
+
+from franca.cli import main
+
+sys.exit(main())

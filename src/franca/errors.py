@@ -1,0 +1,22 @@
+"""Exceptions that carry one actionable line for the user.
+
+Every error a user can fix (a bad config key, an unreadable checkpoint, an empty folder) is raised as a
+subclass of :class:`FrancaError`; the command line prints its message on one line and exits with status 2
+instead of showing a stack trace.
+"""
+
+
+class FrancaError(Exception):
+    """Base class for errors whose message tells the user what to do."""
+
+
+class CheckpointError(FrancaError):
+    """A checkpoint file is missing, unreadable, of an unknown layout or incompatible with a request."""
+
+
+class ConfigError(FrancaError):
+    """A configuration key or value is invalid."""
+
+
+class DataError(FrancaError):
+    """A data set is missing, empty or inconsistent."""
