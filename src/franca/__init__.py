@@ -1,1 +1,37 @@
-"""Franca: nested Matryoshka clustering for visual representation learning."""
+"""Franca: nested Matryoshka clustering for scalable visual representation learning.
+
+The public entry points are imported lazily so that ``import franca`` stays cheap:
+
+- :func:`franca.load_backbone` / :func:`franca.save_backbone`: official Franca and DINOv2 checkpoints and our exports;
+- :func:`franca.load_heads`: the DINO and iBOT Matryoshka heads of an official checkpoint;
+- :func:`franca.build_model` and the presets ``vit_tiny`` ... ``vit_giant2``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_backbone": "franca.checkpoints",
+    "save_backbone": "franca.checkpoints",
+    "read_state_dict": "franca.checkpoints",
+    "load_heads": "franca.models.heads",
+    "build_model": "franca.models.vision_transformer",
+    "DinoVisionTransformer": "franca.models.vision_transformer",
+    "vit_tiny": "franca.models.vision_transformer",
+    "vit_small": "franca.models.vision_transformer",
+    "vit_base": "franca.models.vision_transformer",
+    "vit_large": "franca.models.vision_transformer",
+    "vit_giant2": "franca.models.vision_transformer",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'franca' has no attribute {name!r}")

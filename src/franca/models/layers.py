@@ -1,0 +1,169 @@
+"""Building blocks of the DINOv2-style Vision Transformer used by Franca.
+
+Parameter names follow the official checkpoints exactly (``attn.qkv``, ``mlp.w12``/``mlp.w3`` or ``mlp.fc1``/``mlp.fc2``,
+``ls1.gamma``...) so that released state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] -> patch tokens [B, (H/p)*(W/p), D] by a strided convolution (row-major order)."""
+
+    def __init__(self, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input of {height}x{width} px is not a multiple of the patch size {self.patch_size}; "
+                "resize or crop it to a multiple first"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention`` (flash / memory-efficient when available)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by the number of heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (``fc1``/``fc2``), the FFN of DINOv2's S/B/L releases."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
+    """Hidden width of DINOv2's fused SwiGLU: ((int(ratio*d*2/3)+7)//8)*8, e.g. 2048 for d=768, 2736 for d=1024."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU FFN: ``w12`` maps d -> 2h, the halves (x1, x2) give SiLU(x1) * x2, ``w3`` maps h -> d."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling ``x * gamma`` (CaiT), initialised to a small value."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
+    """Per-sample stochastic depth: zero whole samples with probability ``drop_prob`` and rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+def drop_add_residual_batch_subset(x: Tensor, residual: Callable[[Tensor], Tensor], drop_rate: float) -> Tensor:
+    """DINOv2's batch-subset stochastic depth: the branch runs on floor(B(1-p)) random samples only.
+
+    Their residual is added with the scale B / subset, the others pass unchanged; this saves the compute of the
+    dropped samples, which pays off for the high rates (p > 0.1) of ViT-L and ViT-g.
+    """
+    batch = x.shape[0]
+    subset_size = max(int(batch * (1 - drop_rate)), 1)
+    keep = torch.randperm(batch, device=x.device)[:subset_size]
+    branch = residual(x[keep])
+    out = torch.index_add(
+        x.flatten(1), 0, keep, branch.flatten(1).to(x.dtype), alpha=batch / subset_size
+    )
+    return out.view_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_hidden_dim: int,
+        ffn_layer: str = "mlp",
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        layerscale_init: float | None = 1e-5,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        if ffn_layer == "mlp":
+            self.mlp: nn.Module = Mlp(dim, ffn_hidden_dim, bias=ffn_bias)
+        elif ffn_layer == "swiglu":
+            self.mlp = SwiGLUFFN(dim, ffn_hidden_dim, bias=ffn_bias)
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or 'swiglu'")
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def attn_residual(self, x: Tensor) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def ffn_residual(self, x: Tensor) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.drop_path_rate > 0.1:
+            x = drop_add_residual_batch_subset(x, self.attn_residual, self.drop_path_rate)
+            return drop_add_residual_batch_subset(x, self.ffn_residual, self.drop_path_rate)
+        x = x + self.drop_path(self.attn_residual(x))
+        return x + self.drop_path(self.ffn_residual(x))
