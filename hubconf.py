@@ -1,0 +1,12 @@
+"""torch.hub entry points: ``torch.hub.load("<owner>/franca", "franca_vitb14")`` (see franca.hub for the weights)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from franca.hub import franca_vitb14, franca_vitg14, franca_vitl14  # noqa: E402
+
+dependencies = ["torch", "safetensors"]
+
+__all__ = ["franca_vitb14", "franca_vitg14", "franca_vitl14"]

@@ -1,0 +1,54 @@
+"""``franca embed PATH... --checkpoint CKPT --out FILE``: features of a folder, glob or list of images."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image folders (recursive), globs, list files or images")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="output .npy or .safetensors file")
+    parser.add_argument("--size", type=int, default=224, help="input side in pixels, a multiple of the patch size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--tokens",
+        default="cls",
+        help="comma-separated token kinds to write: cls, patch, mean (of the patch tokens), patch_rasa",
+    )
+    parser.add_argument("--rasa", default=None, metavar="HEAD", help="RASA head file to attach (enables patch_rasa)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def run(args: argparse.Namespace) -> int:
+    from franca.checkpoints import load_backbone
+    from franca.data.images import list_images
+    from franca.embed import embed_images, save_embeddings
+    from franca.eval.common import resolve_device
+
+    start = time.perf_counter()
+    tokens = [kind.strip() for kind in args.tokens.split(",") if kind.strip()]
+    paths = list_images(args.paths)
+    device = resolve_device(args.device)
+    model = load_backbone(args.checkpoint, rasa=args.rasa)
+    result = embed_images(
+        model,
+        paths,
+        size=args.size,
+        batch_size=args.batch_size,
+        tokens=tokens,
+        device=device,
+        num_workers=args.num_workers,
+    )
+    written = save_embeddings(result, args.out)
+    shapes = ", ".join(f"{kind} {tuple(value.shape)}" for kind, value in result.features.items())
+    print(
+        f"embedded {len(result.paths)} of {len(paths)} images ({len(result.skipped)} unreadable, skipped) "
+        f"in {time.perf_counter() - start:.1f}s on {device}: {shapes}"
+    )
+    for path in result.skipped[:10]:
+        print(f"  skipped: {path}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
