@@ -36,6 +36,16 @@ class EmbeddingResult:
     grid: tuple[int, int] = (0, 0)
 
 
+def _select_tokens(out: dict[str, Tensor], kind: str) -> Tensor:
+    if kind == "cls":
+        return out["x_norm_clstoken"]
+    if kind == "mean":
+        return out["x_norm_patchtokens"].mean(dim=1)
+    if kind == "patch_rasa":
+        return out["x_norm_patchtokens_rasa"]
+    return out["x_norm_patchtokens"]
+
+
 def embed_images(
     model: DinoVisionTransformer,
     paths: Sequence[Path],
@@ -76,15 +86,8 @@ def embed_images(
                 continue
             with autocast_context(device):
                 out = model.forward_features(batch.inputs.to(device, non_blocking=True))
-            patch = out["x_norm_patchtokens"]
-            available = {
-                "cls": lambda: out["x_norm_clstoken"],
-                "patch": lambda: patch,
-                "mean": lambda: patch.mean(dim=1),
-                "patch_rasa": lambda: out["x_norm_patchtokens_rasa"],
-            }
             for kind in tokens:
-                chunks[kind].append(available[kind]().float().cpu())
+                chunks[kind].append(_select_tokens(out, kind).float().cpu())
             kept.extend(batch.targets.tolist())
     kept_set = set(kept)
     grid = (size // model.patch_size, size // model.patch_size)

@@ -1,0 +1,669 @@
+"""The run configuration of Franca pre-training: nested dataclasses, YAML presets and dotlist overrides.
+
+A run is described by one :class:`TrainConfig`. The dataclass defaults are the project defaults for ViT-B/14 on
+ImageNet-21K (the paper's values where paper and official configs disagree; see ``docs/franca-method.md`` §4).
+Presets live as YAML files in the package (``franca/configs/*.yaml``) and are loaded by name::
+
+    cfg = load_config("tiny_cpu", ["optim.base_lr=5e-4", "train.iterations=100"])
+
+A YAML file given by path works the same way; it may start with ``base: <preset or path>`` to inherit from another
+file and change only a few keys. Unknown keys, values of the wrong type and invalid choices raise
+:class:`franca.errors.ConfigError` with one line that names the key and the closest valid key or value.
+
+Every schedule length is in iterations. ``train.epoch_length`` (DINOv2's ``OFFICIAL_EPOCH_LENGTH`` = 1250) only
+groups iterations into "epochs" for logging and for converting the official configs' epoch counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from franca.errors import ConfigError
+
+PRESET_PACKAGE = "franca"
+PRESET_FOLDER = "configs"
+
+# Value choices of the string fields, by full key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"),
+    "model.ffn_layer": ("swiglu", "mlp"),
+    "heads.mode": ("slice", "project", "tied", "dinov2"),
+    "crops.blur_probabilities": ("effective", "nominal"),
+    "loss.centering": ("sinkhorn", "centering"),
+    "optim.lr_scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.kind": ("auto", "folder", "imagefolder", "filelist", "webdataset"),
+    "distributed.strategy": ("ddp", "fsdp"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+# Nesting levels used when ``heads.levels`` is null: the paper's five widths d/16 ... d.
+DEFAULT_LEVELS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone. ``arch`` picks width/depth/heads; ``embed_dim``/``depth``/``num_heads`` override them when set."""
+
+    arch: str = "vit_base"
+    patch_size: int = 14
+    img_size: int = 224  # size the position embedding is built for (its grid is img_size // patch_size)
+    ffn_layer: str = "swiglu"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    num_register_tokens: int = 0
+    drop_path_rate: float = 0.1
+    drop_path_uniform: bool = True
+    layerscale_init: float = 1e-5
+    # Continued training / HRFT: a backbone checkpoint loaded into student and teacher before training.
+    pretrained_backbone: str | None = None
+    # Head weights (dino_head/ibot_head) to start from; null re-initialises the heads.
+    pretrained_heads: str | None = None
+
+    def vit_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for ``franca.models.build_model(self.arch, **overrides)``."""
+        overrides: dict[str, Any] = {
+            "patch_size": self.patch_size,
+            "img_size": self.img_size,
+            "ffn_layer": self.ffn_layer,
+            "num_register_tokens": self.num_register_tokens,
+            "drop_path_rate": self.drop_path_rate,
+            "drop_path_uniform": self.drop_path_uniform,
+            "layerscale_init": self.layerscale_init,
+        }
+        for name in ("embed_dim", "depth", "num_heads"):
+            if getattr(self, name) is not None:
+                overrides[name] = getattr(self, name)
+        return overrides
+
+
+@dataclass
+class HeadsConfig:
+    """Matryoshka projection/clustering heads (method §2.2).
+
+    ``mode``: ``slice`` (paper: per-level head on the first m_j dims), ``project`` (v1.0 code: Linear(d->m_j) on the
+    full token), ``tied`` (one shared, sliced head) or ``dinov2`` (the single-head baseline, no nesting).
+    ``levels``: nesting widths as fractions of d, ascending; null = [1/16, 1/8, 1/4, 1/2, 1].
+    ``n_prototypes``: prototypes of the *largest* level; level j gets int(n_prototypes * m_j / d).
+    """
+
+    mode: str = "slice"
+    levels: list[float] | None = None
+    n_prototypes: int = 131072
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 384
+    nlayers: int = 3
+    separate_ibot_head: bool = True
+
+    def resolved_levels(self) -> list[float]:
+        """The nesting fractions in use (``[1.0]`` for the single-head ``dinov2`` mode)."""
+        if self.mode == "dinov2":
+            return [1.0]
+        return list(DEFAULT_LEVELS if self.levels is None else self.levels)
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop augmentation (method §4.1). Scales are (min, max) area fractions for RandomResizedCrop.
+
+    ``blur_probabilities``: ``effective`` = (0, 0.9, 0.5) for (global-1, global-2, local), what the released models
+    were trained with because of the inherited DINOv2 bug; ``nominal`` = (1.0, 0.1, 0.5) as written in the configs.
+    """
+
+    global_size: int = 224
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    n_local: int = 8
+    local_size: int = 98
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    blur_probabilities: str = "effective"
+    solarize_probability: float = 0.2  # on the second global crop only
+
+
+@dataclass
+class MaskingConfig:
+    """CyclicMask on the student's global crops (method §3)."""
+
+    probability: float = 0.5  # fraction of global crops that receive a mask
+    ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.65])
+    min_aspect: float = 0.3
+    roll: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and temperatures (method §2.3-2.7). ``level_weights`` null = equal weights (1 per level)."""
+
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    level_weights: list[float] | None = None
+    centering: str = "sinkhorn"
+    sk_iterations: int = 3
+    center_momentum: float = 0.9  # only for centering=centering (one EMA centre per level)
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_iterations: int = 37500  # 30 official "epochs" of 1250 iterations
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules (method §4.2). The peak learning rate is ``base_lr`` scaled by ``lr_scaling_rule``.
+
+    ``sqrt_wrt_1024``: base_lr * sqrt(global_batch / 1024) (official); ``linear_wrt_256``: base_lr * global_batch / 256;
+    ``none``: base_lr as is. The learning rate warms up linearly from 0 over ``warmup_iterations`` then follows a
+    cosine to ``min_lr``; weight decay and teacher momentum follow cosines over the whole run.
+    """
+
+    base_lr: float = 7.0711e-4  # 1e-3 at global batch 2048 with sqrt_wrt_1024 (paper, ViT-B)
+    lr_scaling_rule: str = "sqrt_wrt_1024"
+    min_lr: float = 1e-6
+    warmup_iterations: int = 100000
+    weight_decay_start: float = 0.04
+    weight_decay_end: float = 0.2
+    teacher_momentum_start: float = 0.994
+    teacher_momentum_end: float = 1.0
+    clip_grad: float = 3.0  # per module (backbone, dino_head, ibot_head); <= 0 disables
+    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = 1.0
+    freeze_last_layer_iterations: int = 1250
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class RunConfig:
+    """Length, batch, precision and bookkeeping of the run (the ``train`` section).
+
+    Batch precedence: when ``global_batch_size`` is set it wins and each device gets global_batch_size / world_size
+    (which must divide); otherwise the global batch is batch_size_per_device * world_size.
+    ``precision``: ``auto`` = bf16 autocast on CUDA devices that support it, fp32 otherwise (CPU always fp32).
+    """
+
+    batch_size_per_device: int = 32
+    global_batch_size: int | None = None
+    iterations: int = 625000
+    epoch_length: int = 1250
+    seed: int = 0
+    num_workers: int = 8
+    precision: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 12500
+    log_every: int = 20
+    keep_last: int = 3
+    max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a non-finite loss
+
+
+@dataclass
+class DataConfig:
+    """Training images. ``kind=auto`` infers the layout from ``path`` (folder, ImageFolder tree, file list, shards)."""
+
+    path: str | None = None
+    kind: str = "auto"
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training. ``fsdp`` shards parameters (reshard_after_forward false = SHARD_GRAD_OP, official)."""
+
+    strategy: str = "ddp"
+    backend: str = "auto"  # nccl on CUDA, gloo on CPU
+    fsdp_reshard_after_forward: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Optional k-NN monitoring during training; ``every`` = 0 disables it."""
+
+    every: int = 0
+    train_path: str | None = None
+    val_path: str | None = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class TrainConfig:
+    """The whole pre-training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- schema
+
+
+def _schema(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Map every full key ("optim.base_lr") to its annotated type, sections ("optim") to their dataclass."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        key = f"{prefix}{item.name}"
+        kind = hints[item.name]
+        keys[key] = kind
+        if dataclasses.is_dataclass(kind):
+            keys.update(_schema(kind, f"{key}."))
+    return keys
+
+
+SCHEMA: dict[str, Any] = _schema()
+
+
+def _type_name(kind: Any) -> str:
+    if dataclasses.is_dataclass(kind):
+        return "section"
+    if isinstance(kind, type):
+        return kind.__name__
+    return str(kind).replace("typing.", "")
+
+
+def _suggest(key: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        leaf_close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[leaf_close[0]]] if leaf_close else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(node: DictConfig | Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Raise ConfigError for keys absent from the schema and for sections given as plain values (or vice versa)."""
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+    for raw_key, value in items:
+        key = f"{prefix}{raw_key}"
+        if key not in SCHEMA:
+            while isinstance(value, DictConfig | Mapping) and len(value) > 0:  # name the first leaf under it
+                first = next(iter(value.keys()))
+                key, value = f"{key}.{first}", value[first]
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, list(SCHEMA))} in {source}")
+        kind = SCHEMA[key]
+        is_mapping = isinstance(value, DictConfig | Mapping)
+        if dataclasses.is_dataclass(kind):
+            if value is None:
+                continue  # "section: null" (an empty YAML section) changes nothing
+            if not is_mapping:
+                example = next(k for k in SCHEMA if k.startswith(f"{key}."))
+                raise ConfigError(
+                    f"config key '{key}' is a section, not a value: set its keys instead (e.g. '{example}=...') "
+                    f"in {source}"
+                )
+            _check_keys(value, source, f"{key}.")
+        elif is_mapping:
+            raise ConfigError(f"config key '{key}' expects {_type_name(kind)}, got a mapping in {source}")
+
+
+def _drop_null_sections(node: DictConfig) -> None:
+    for key in [k for k in node if dataclasses.is_dataclass(SCHEMA.get(str(k))) and node[k] is None]:
+        del node[key]
+
+
+def _missing_keys(node: DictConfig) -> list[str]:
+    """Full keys whose value is ``???`` (without resolving interpolations, unlike OmegaConf.missing_keys)."""
+
+    def walk(value: Any, prefix: str) -> list[str]:
+        if isinstance(value, dict):
+            return [key for name, item in value.items() for key in walk(item, f"{prefix}{name}.")]
+        return [prefix[:-1]] if value == MISSING else []
+
+    return walk(OmegaConf.to_container(node, resolve=False), "")
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    """Merge ``update`` (from ``source``) into the structured config, turning OmegaConf errors into ConfigError."""
+    _check_keys(update, source)
+    _drop_null_sections(update)
+    try:
+        merged = typing.cast(DictConfig, OmegaConf.merge(base, update))
+        # OmegaConf's merge keeps the old value where the update says "???"; a preset marking a key as required
+        # must make it missing again so that the user is asked for it.
+        for key in _missing_keys(update):
+            OmegaConf.update(merged, key, MISSING, merge=False)
+        return merged
+    except OmegaConfBaseException as error:
+        key = str(getattr(error, "full_key", None) or "")
+        try:
+            value = OmegaConf.select(update, key, default=None, throw_on_missing=False) if key else None
+        except OmegaConfBaseException:
+            value = None
+        what = f"config key '{key}' expects {_type_name(SCHEMA[key])}" if key in SCHEMA else "invalid config"
+        raise ConfigError(f"{what}, got {value!r} in {source}") from None
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package (``franca/configs/*.yaml``)."""
+    folder = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER)
+    if not folder.is_dir():
+        return []
+    return sorted(item.name[: -len(".yaml")] for item in folder.iterdir() if item.name.endswith(".yaml"))
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    return name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path or os.sep in name_or_path
+
+
+def _locate(name_or_path: str, relative_to: Path | None = None) -> tuple[Any, str]:
+    """Return a readable resource for a preset name or YAML path, and how to name it in messages."""
+    if _looks_like_path(name_or_path) or (relative_to is None and Path(name_or_path).is_file()):
+        path = Path(name_or_path).expanduser()
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; give a YAML path or a preset name")
+        return path, f"'{path}'"
+    presets = list_presets()
+    if name_or_path not in presets:
+        close = difflib.get_close_matches(name_or_path, presets, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown config preset '{name_or_path}' ({hint}presets: {', '.join(presets)}; or give a YAML path)"
+        )
+    resource = resources.files(PRESET_PACKAGE).joinpath(PRESET_FOLDER, f"{name_or_path}.yaml")
+    return resource, f"preset '{name_or_path}'"
+
+
+def _read_yaml(resource: Any, source: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.create(resource.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read config {source}: {error.strerror or error}") from None
+    except OmegaConfBaseException as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"config {source} is not valid YAML: {first_line}") from None
+    except Exception as error:  # yaml.YAMLError and friends: report, never a stack trace
+        first_line = " ".join(str(error).split())
+        raise ConfigError(f"config {source} is not valid YAML: {first_line}") from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError(f"config {source} must be a mapping of sections (model:, optim:, ...), not a list")
+    return loaded
+
+
+def _file_chain(
+    name_or_path: str, relative_to: Path | None = None, seen: tuple[str, ...] = ()
+) -> list[tuple[DictConfig, str]]:
+    """The YAML sources to merge, base first, following ``base:`` keys."""
+    resource, source = _locate(name_or_path, relative_to)
+    if source in seen:
+        raise ConfigError(f"config {source} inherits from itself through 'base:' ({' -> '.join(seen)})")
+    data = _read_yaml(resource, source)
+    chain: list[tuple[DictConfig, str]] = []
+    if "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str):
+            raise ConfigError(
+                f"'base:' in config {source} must be a preset name or a YAML path, got {base!r}"
+            )
+        folder = resource.parent if isinstance(resource, Path) else None
+        chain = _file_chain(base, folder, (*seen, source))
+    return [*chain, (data, source)]
+
+
+def _parse_override(item: str) -> DictConfig:
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. 'optim.base_lr=5e-4')")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except Exception as error:  # a malformed YAML value
+        raise ConfigError(f"cannot parse override '{item}': {' '.join(str(error).split())}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- public
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a preset (``"tiny_cpu"``) or YAML file, apply ``key=value`` overrides, validate, return a TrainConfig.
+
+    Raises ConfigError (one line) for a missing file, unknown preset, unknown key, wrong type, invalid choice or
+    a required value left as ``???``.
+    """
+    config = OmegaConf.structured(TrainConfig)
+    for data, source in _file_chain(str(name_or_path)):
+        config = _merge(config, data, source)
+    return _finalise(config, overrides)
+
+
+def config_from_dict(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Build a validated TrainConfig from a nested mapping (for example one stored in a checkpoint)."""
+    config = _merge(OmegaConf.structured(TrainConfig), OmegaConf.create(dict(values)), "the given mapping")
+    return _finalise(config, overrides)
+
+
+def _finalise(config: DictConfig, overrides: Sequence[str]) -> TrainConfig:
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for item in overrides:
+        config = _merge(config, _parse_override(item), f"override '{item}'")
+    missing = sorted(_missing_keys(config))
+    if missing:
+        raise ConfigError(
+            f"config key '{missing[0]}' is required: set it, e.g. with the override '{missing[0]}=...'"
+        )
+    try:
+        result = OmegaConf.to_object(config)
+    except MissingMandatoryValue as error:
+        raise ConfigError(
+            f"config key '{error.full_key}' is required: set it with '{error.full_key}=...'"
+        ) from None
+    except OmegaConfBaseException as error:  # a broken ${interpolation}
+        key = getattr(error, "full_key", None) or "?"
+        reason = (
+            str(getattr(error, "msg", None) or error).strip().splitlines() or ["invalid interpolation"]
+        )[0]
+        raise ConfigError(f"cannot resolve config key '{key}': {reason}") from None
+    assert isinstance(result, TrainConfig)
+    validate_config(result)
+    return result
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain nested dict of a TrainConfig (for logging and for storing in checkpoints)."""
+    return typing.cast(dict, OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved configuration as YAML (``load_config(path)`` gives it back unchanged); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config)))
+    path.write_text("# franca pre-training configuration (resolved)\n" + text, encoding="utf-8")
+    return path
+
+
+def resolve_batch_sizes(run: RunConfig, world_size: int = 1) -> tuple[int, int]:
+    """Return (batch per device, global batch) for ``world_size`` processes; ``global_batch_size`` wins when set."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if run.global_batch_size is None:
+        return run.batch_size_per_device, run.batch_size_per_device * world_size
+    if run.global_batch_size % world_size:
+        raise ConfigError(
+            f"config key 'train.global_batch_size' ({run.global_batch_size}) is not divisible by the "
+            f"{world_size} processes; change it or set train.global_batch_size=null to use train.batch_size_per_device"
+        )
+    return run.global_batch_size // world_size, run.global_batch_size
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{key}' {message}")
+
+
+def _check_pair(key: str, pair: Sequence[float], low: float, high: float, strict_low: bool = True) -> None:
+    """Check a [min, max] pair with low < min (or low <= min) <= max <= high."""
+    if len(pair) != 2:
+        _fail(key, f"must be a pair [min, max], got {list(pair)}")
+    first, second = pair
+    low_ok = first > low if strict_low else first >= low
+    if not low_ok or first > second or second > high:
+        operator = "<" if strict_low else "<="
+        _fail(key, f"must be a pair [min, max] with {low} {operator} min <= max <= {high}, got {list(pair)}")
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check choices and value ranges; raise ConfigError naming the first bad key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(key, f"must be one of {', '.join(allowed)}; got '{value}'{hint}")
+
+    positive = {
+        "model.patch_size": config.model.patch_size,
+        "model.img_size": config.model.img_size,
+        "crops.global_size": config.crops.global_size,
+        "crops.local_size": config.crops.local_size,
+        "heads.n_prototypes": config.heads.n_prototypes,
+        "heads.hidden_dim": config.heads.hidden_dim,
+        "heads.bottleneck_dim": config.heads.bottleneck_dim,
+        "heads.nlayers": config.heads.nlayers,
+        "loss.sk_iterations": config.loss.sk_iterations,
+        "train.batch_size_per_device": config.train.batch_size_per_device,
+        "train.iterations": config.train.iterations,
+        "train.epoch_length": config.train.epoch_length,
+        "train.log_every": config.train.log_every,
+        "train.max_consecutive_nonfinite": config.train.max_consecutive_nonfinite,
+        "eval.knn_k": config.eval.knn_k,
+    }
+    for name in ("embed_dim", "depth", "num_heads"):
+        if getattr(config.model, name) is not None:
+            positive[f"model.{name}"] = getattr(config.model, name)
+    if config.train.global_batch_size is not None:
+        positive["train.global_batch_size"] = config.train.global_batch_size
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(key, f"must be positive, got {value}")
+
+    non_negative = {
+        "model.num_register_tokens": config.model.num_register_tokens,
+        "model.drop_path_rate": config.model.drop_path_rate,
+        "crops.n_local": config.crops.n_local,
+        "loss.dino_weight": config.loss.dino_weight,
+        "loss.ibot_weight": config.loss.ibot_weight,
+        "loss.koleo_weight": config.loss.koleo_weight,
+        "loss.teacher_temp_warmup_iterations": config.loss.teacher_temp_warmup_iterations,
+        "optim.min_lr": config.optim.min_lr,
+        "optim.warmup_iterations": config.optim.warmup_iterations,
+        "optim.weight_decay_start": config.optim.weight_decay_start,
+        "optim.weight_decay_end": config.optim.weight_decay_end,
+        "optim.freeze_last_layer_iterations": config.optim.freeze_last_layer_iterations,
+        "optim.patch_embed_lr_mult": config.optim.patch_embed_lr_mult,
+        "train.num_workers": config.train.num_workers,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_last": config.train.keep_last,
+        "eval.every": config.eval.every,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            _fail(key, f"must be >= 0, got {value}")
+
+    for key, value in {
+        "optim.base_lr": config.optim.base_lr,
+        "loss.student_temp": config.loss.student_temp,
+        "loss.teacher_temp_start": config.loss.teacher_temp_start,
+        "loss.teacher_temp": config.loss.teacher_temp,
+        "optim.layerwise_decay": config.optim.layerwise_decay,
+        "masking.min_aspect": config.masking.min_aspect,
+    }.items():
+        if not value > 0:
+            _fail(key, f"must be > 0, got {value}")
+
+    for key, value in {
+        "model.drop_path_rate": config.model.drop_path_rate,
+        "masking.probability": config.masking.probability,
+        "crops.solarize_probability": config.crops.solarize_probability,
+        "loss.center_momentum": config.loss.center_momentum,
+        "optim.teacher_momentum_start": config.optim.teacher_momentum_start,
+        "optim.teacher_momentum_end": config.optim.teacher_momentum_end,
+        "masking.min_aspect": config.masking.min_aspect,
+    }.items():
+        if not 0.0 <= value <= 1.0:
+            _fail(key, f"must be within [0, 1], got {value}")
+
+    _check_pair("crops.global_scale", config.crops.global_scale, 0.0, 1.0)
+    _check_pair("crops.local_scale", config.crops.local_scale, 0.0, 1.0)
+    _check_pair("masking.ratio_min_max", config.masking.ratio_min_max, 0.0, 1.0, strict_low=False)
+    betas = config.optim.adamw_betas
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        _fail("optim.adamw_betas", f"must be two numbers in [0, 1), got {list(betas)}")
+
+    patch = config.model.patch_size
+    for key, size in {
+        "model.img_size": config.model.img_size,
+        "crops.global_size": config.crops.global_size,
+        "crops.local_size": config.crops.local_size,
+    }.items():
+        if size % patch:
+            _fail(key, f"({size}) must be a multiple of model.patch_size ({patch})")
+
+    total = config.train.iterations
+    for key, value in {
+        "optim.warmup_iterations": config.optim.warmup_iterations,
+        "optim.freeze_last_layer_iterations": config.optim.freeze_last_layer_iterations,
+    }.items():
+        if value > total:
+            _fail(key, f"({value}) must not exceed train.iterations ({total})")
+
+    _validate_heads(config)
+
+
+def _validate_heads(config: TrainConfig) -> None:
+    from franca.models.vision_transformer import ARCHITECTURES
+
+    levels = config.heads.levels
+    if levels is not None:
+        if not levels:
+            _fail("heads.levels", "must list at least one fraction of the embedding width, or be null")
+        if any(not 0.0 < level <= 1.0 for level in levels) or any(a >= b for a, b in zip(levels, levels[1:])):
+            _fail("heads.levels", f"must be strictly increasing fractions in (0, 1], got {list(levels)}")
+    resolved = config.heads.resolved_levels()
+    weights = config.loss.level_weights
+    if weights is not None and (len(weights) != len(resolved) or any(w < 0 for w in weights)):
+        _fail(
+            "loss.level_weights",
+            f"must give one non-negative weight per level ({len(resolved)}), got {weights}",
+        )
+    embed_dim = config.model.embed_dim or ARCHITECTURES[config.model.arch]["embed_dim"]
+    num_heads = config.model.num_heads or ARCHITECTURES[config.model.arch]["num_heads"]
+    if embed_dim % num_heads:
+        _fail("model.embed_dim", f"({embed_dim}) must be divisible by the number of heads ({num_heads})")
+    for level in resolved:
+        width = level * embed_dim
+        if not math.isclose(width, round(width), abs_tol=1e-6) or round(width) < 1:
+            _fail(
+                "heads.levels",
+                f"fraction {level} of the embedding width {embed_dim} is not a whole number of dims",
+            )
+        if int(config.heads.n_prototypes * level) < 1:
+            _fail(
+                "heads.n_prototypes", f"({config.heads.n_prototypes}) leaves level {level} with no prototype"
+            )

@@ -1,0 +1,400 @@
+"""The Franca pre-training loop.
+
+It wires the pieces that live elsewhere: the networks and the loss (:mod:`franca.train.ssl_model`), the input pipeline
+(:mod:`franca.train.data`), schedules, parameter groups and EMA (:mod:`franca.train.schedules`, ``optim``, ``ema``)
+and the run directory (:mod:`franca.train.checkpointing`). One process or many (``torchrun``); CPU in fp32, CUDA in
+bf16 autocast by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from franca import distributed as dist_utils
+from franca.errors import FrancaError
+from franca.train.checkpointing import (
+    export_teacher,
+    latest_checkpoint,
+    load_checkpoint,
+    official_teacher_state,
+    save_checkpoint,
+)
+from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes, save_config
+from franca.train.data import build_train_loader
+from franca.train.ema import ema_update_, pair_parameters
+from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
+from franca.train.schedules import Schedules
+from franca.train.ssl_model import FrancaLoss, SSLNetwork, TrainBatch, build_student_teacher
+
+
+class TrainingError(FrancaError):
+    """Training cannot go on (for example the loss stayed non-finite); the message names the step and checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    output_dir: Path
+    iteration: int
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    backbone_path: Path | None = None
+    heads_path: Path | None = None
+    checkpoint_path: Path | None = None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and none (fp32) on CPU, where bf16 is ~20x slower."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def init_distributed(backend: str = "auto") -> torch.device:
+    """Join the process group described by torchrun's environment (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist_utils.is_enabled():
+        import torch.distributed as dist
+
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend)
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The model-side random state (stochastic depth). Data randomness is derived from sample positions instead."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Franca pre-training of ``config`` into ``output_dir`` (resumed automatically from its latest checkpoint)."""
+
+    def __init__(
+        self, config: TrainConfig, output_dir: str | os.PathLike | None = None, progress: bool = True
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir or config.train.output_dir)
+        self.progress = progress
+        self.device = init_distributed(config.distributed.backend)
+        self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        self.autocast_dtype = resolve_precision(config.train.precision, self.device)
+        self.batch_size, self.global_batch_size = resolve_batch_sizes(config.train, self.world_size)
+
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        self.student, self.teacher = build_student_teacher(config)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        self.loss_fn = FrancaLoss(
+            config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
+        ).to(self.device)
+        self.student_forward = self._wrap_student(self.student)
+        self.param_groups = build_param_groups(
+            self.student.parts(),
+            patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
+            layerwise_decay=config.optim.layerwise_decay,
+            n_blocks=self.student.backbone.n_blocks,
+        )
+        self.optimizer = build_optimizer(self.param_groups, config.optim.adamw_betas, self.device.type)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.schedules = Schedules.from_config(config, self.world_size)
+        self.ema_pairs = pair_parameters(self.teacher, self.student)
+        self.iteration = 0
+        self.consecutive_nonfinite = 0
+        # seed the per-rank model randomness (stochastic depth) differently on each rank
+        torch.manual_seed(config.train.seed + 1 + self.rank)
+
+    # ------------------------------------------------------------------ setup
+    def _wrap_student(self, student: SSLNetwork) -> torch.nn.Module:
+        if self.world_size == 1:
+            return student
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(student, device_ids=device_ids, find_unused_parameters=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "teacher": official_teacher_state(self.teacher),
+            "loss": {k: v.detach().cpu() for k, v in self.loss_fn.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": _rng_state(self.device),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "world_size": self.world_size,
+            "config": config_to_dict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        teacher_state = state["teacher"]
+        self.teacher.backbone.load_state_dict(
+            {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
+        )
+        for name in ("dino_head", "ibot_head"):
+            prefix = f"{name}."
+            getattr(self.teacher, name).load_state_dict(
+                {k[len(prefix) :]: v for k, v in teacher_state.items() if k.startswith(prefix)}
+            )
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        rng = state.get("rng")
+        if rng is not None and int(state.get("world_size", 1)) == self.world_size:
+            _set_rng_state(rng, self.device)
+        else:  # another world size: keep the data order exact, re-seed the model randomness per rank
+            torch.manual_seed(self.config.train.seed + 1 + self.rank + 1000 * self.iteration)
+
+    def resume(self) -> Path | None:
+        """Load the newest checkpoint of the run directory, if any; returns its path."""
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            return None
+        self.load_state_dict(load_checkpoint(path))
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: TrainBatch) -> dict[str, Any]:
+        """Forward teacher and student, back-propagate, clip, step and update the teacher; returns the logs."""
+        schedule = self.schedules[self.iteration]
+        apply_schedules(self.optimizer, schedule.lr, schedule.weight_decay, schedule.last_layer_lr)
+        batch = batch.to(self.device)
+        with torch.no_grad(), self.autocast():
+            teacher_out = self.teacher(batch, teacher=True)
+        with self.autocast():
+            student_out = self.student_forward(batch)
+        losses = self.loss_fn(student_out, teacher_out, batch, schedule.teacher_temp)
+        finite = torch.isfinite(losses.total.detach()).float()
+        dist_utils.all_reduce_sum(finite)
+        logs: dict[str, Any] = {
+            "lr": schedule.lr,
+            "wd": schedule.weight_decay,
+            "momentum": schedule.teacher_momentum,
+            "teacher_temp": schedule.teacher_temp,
+            "last_layer_lr": schedule.last_layer_lr,
+            "masked_patches": int(batch.masked_indices.numel()),
+        }
+        if int(finite.item()) != self.world_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_nonfinite += 1
+            logs.update(losses.log_values())
+            logs["skipped_nonfinite"] = True
+            return logs
+        self.consecutive_nonfinite = 0
+        if self.scaler is not None:
+            self.scaler.scale(losses.total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            losses.total.backward()
+        norms = clip_grad_norm_per_module(self.student.parts(), self.config.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ema_update_(self.ema_pairs[0], self.ema_pairs[1], schedule.teacher_momentum)
+        logs.update(losses.log_values())
+        logs.update({f"grad_norm_{name}": value for name, value in norms.items()})
+        return logs
+
+    # ------------------------------------------------------------------ loop
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, start_iteration: int) -> None:
+        """Drop the lines a killed run logged after its last checkpoint, so the curve has no duplicates."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["iteration"] <= start_iteration
+        ]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def _save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.output_dir, self.iteration, self.state_dict(), self.config.train.keep_last
+            )
+            export_teacher(self.output_dir, self.teacher, self.iteration)
+        dist_utils.barrier()
+        return path
+
+    def _tensorboard(self) -> Any:
+        if not self.is_main or not getattr(self.config.train, "tensorboard", False):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print(
+                "tensorboard is not installed (pip install 'franca[tensorboard]'); logging to metrics.jsonl only"
+            )
+            return None
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``train.iterations`` (or until ``stop_at``, for tests and staged runs)."""
+        config = self.config
+        total = config.train.iterations
+        end = total if stop_at is None else min(stop_at, total)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier()
+        resumed = self.resume()
+        if self.is_main:
+            save_config(config, self.output_dir / "config.yaml")
+            self._truncate_metrics(self.iteration)
+            if resumed is not None:
+                print(f"resumed from {resumed} at iteration {self.iteration}")
+        loader, dataset_size = build_train_loader(
+            config,
+            self.student.backbone.patch_size,
+            self.batch_size,
+            self.iteration,
+            self.rank,
+            self.world_size,
+        )
+        writer = self._tensorboard()
+        self.student.train()
+        self.teacher.eval()
+        last: dict[str, Any] = {}
+        checkpoint_path: Path | None = None
+        skipped_images = 0
+        data_iter = iter(loader)
+        bar = tqdm(
+            total=end,
+            initial=self.iteration,
+            unit="it",
+            desc="train",
+            disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        window_start, window_images = time.perf_counter(), 0
+        try:
+            while self.iteration < end:
+                step_start = time.perf_counter()
+                batch = next(data_iter)
+                data_time = time.perf_counter() - step_start
+                skipped_images += batch.num_skipped
+                if batch.batch_size == 0:
+                    logs: dict[str, Any] = {"skipped_empty_batch": True}
+                else:
+                    logs = self.train_step(batch)
+                self.iteration += 1
+                window_images += batch.batch_size * self.world_size
+                bar.update(1)
+                log_now = (
+                    self.iteration % config.train.log_every == 0
+                    or self.iteration in (1, end)
+                    or bool(logs.get("skipped_nonfinite"))
+                )
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "iteration": self.iteration,
+                        **logs,
+                        "images_per_s": window_images / max(elapsed, 1e-9),
+                        "data_time_s": data_time,
+                        "memory_mb": _memory_mb(self.device),
+                        "skipped_images": skipped_images,
+                        "epoch": self.iteration / config.train.epoch_length,
+                    }
+                    window_start, window_images = time.perf_counter(), 0
+                    last = record
+                    if self.is_main:
+                        self._write_metrics(record)
+                        bar.set_postfix(
+                            loss=f"{record.get('loss', float('nan')):.3f}",
+                            lr=f"{record.get('lr', 0.0):.2e}",
+                            ips=f"{record['images_per_s']:.1f}",
+                        )
+                        if writer is not None:
+                            for key, value in record.items():
+                                if (
+                                    isinstance(value, (int, float))
+                                    and not isinstance(value, bool)
+                                    and math.isfinite(value)
+                                ):
+                                    writer.add_scalar(f"train/{key}", value, self.iteration)
+                if self.consecutive_nonfinite >= config.train.max_consecutive_nonfinite:
+                    good = latest_checkpoint(self.output_dir)
+                    raise TrainingError(
+                        f"the loss was not finite for {self.consecutive_nonfinite} steps in a row (last at iteration "
+                        f"{self.iteration}); stopped. Last good checkpoint: {good or 'none yet'}. Lower optim.base_lr "
+                        "or raise train.batch_size_per_device"
+                    )
+                if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
+                    checkpoint_path = self._save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        del dataset_size
+        return TrainResult(
+            output_dir=self.output_dir,
+            iteration=self.iteration,
+            last_metrics=last,
+            backbone_path=self.output_dir / "teacher_backbone.safetensors",
+            heads_path=self.output_dir / "teacher_heads.pth",
+            checkpoint_path=checkpoint_path,
+        )
+
+
+def train(
+    config: TrainConfig,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Build a :class:`Trainer` and run it (the Python equivalent of ``franca train``)."""
+    return Trainer(config, output_dir, progress=progress).fit(stop_at=stop_at)
