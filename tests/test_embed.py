@@ -54,8 +54,9 @@ def test_embed_folder_writes_features_and_paths(tmp_path: Path, checkpoint: Path
         cls, patch, mean = handle.get_tensor("cls"), handle.get_tensor("patch"), handle.get_tensor("mean")
     assert cls.shape == (6, 192) and patch.shape == (6, 16, 192)
     torch.testing.assert_close(mean, patch.mean(dim=1))
-    assert [Path(p).name for p in paths] == ["a_rgb.png", "b_rgba.png", "c_gray.jpg", "d_palette.gif", "e_cmyk.jpg",
-                                              "f_16bit.png"]
+    # sorted by path components: nested/deeper/ comes before nested/e_cmyk.jpg
+    assert [Path(p).name for p in paths] == ["a_rgb.png", "b_rgba.png", "c_gray.jpg", "d_palette.gif", "f_16bit.png",
+                                              "e_cmyk.jpg"]
     assert (tmp_path / "features.paths.txt").read_text().splitlines() == paths
     assert torch.isfinite(patch).all()
 
