@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from franca.errors import CheckpointError
-from franca.models.heads import heads_state_dict_official
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -42,11 +40,20 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return path
 
 
-def official_teacher_state(teacher: nn.Module) -> dict[str, torch.Tensor]:
-    """The teacher's tensors in the official layout: ``backbone.*``, ``dino_head.*``, ``ibot_head.*`` (weight_g/v)."""
-    state = {f"backbone.{k}": v.detach().cpu() for k, v in teacher.backbone.state_dict().items()}
-    state.update(heads_state_dict_official(teacher.dino_head, "dino_head."))
-    state.update(heads_state_dict_official(teacher.ibot_head, "ibot_head."))
+def official_teacher_state(teacher_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full teacher state dict (``backbone.*``, ``dino_head.*``, ``ibot_head.*``) with the official head key names.
+
+    Weight-normalised prototypes get the old ``weight_g``/``weight_v`` names; a shared iBOT head is written under both
+    prefixes, as the official files do.
+    """
+    state = {}
+    for key, value in teacher_state.items():
+        if key.startswith(("dino_head.", "ibot_head.")):
+            key = key.replace("parametrizations.weight.original0", "weight_g")
+            key = key.replace("parametrizations.weight.original1", "weight_v")
+        state[key] = value
+    if not any(key.startswith("ibot_head.") for key in state):
+        state.update({"ibot_head." + k[len("dino_head.") :]: v for k, v in state.items() if k.startswith("dino_head.")})
     return state
 
 
@@ -84,17 +91,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot resume from this training checkpoint ({reason})") from None
 
 
-def export_teacher(run_dir: str | os.PathLike, teacher: nn.Module, iteration: int) -> tuple[Path, Path]:
-    """Write the teacher backbone (safetensors) and heads (official layout) into the run directory."""
+def export_teacher(
+    run_dir: str | os.PathLike, official_state: dict[str, torch.Tensor], backbone_config: Any, iteration: int
+) -> tuple[Path, Path]:
+    """Write the teacher backbone (safetensors) and heads (official layout) from an official-layout teacher state."""
     from franca.checkpoints import save_backbone
+    from franca.models.vision_transformer import DinoVisionTransformer
 
     run_dir = Path(run_dir)
-    backbone_path = save_backbone(
-        teacher.backbone, run_dir / "teacher_backbone.safetensors", metadata={"iteration": str(iteration)}
-    )
-    heads = {
-        **heads_state_dict_official(teacher.dino_head, "dino_head."),
-        **heads_state_dict_official(teacher.ibot_head, "ibot_head."),
-    }
+    backbone = DinoVisionTransformer(backbone_config)
+    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in official_state.items() if k.startswith("backbone.")})
+    backbone_path = save_backbone(backbone, run_dir / "teacher_backbone.safetensors", metadata={"iteration": str(iteration)})
+    heads = {k: v for k, v in official_state.items() if k.startswith(("dino_head.", "ibot_head."))}
     heads_path = atomic_torch_save({"teacher": heads, "iteration": iteration}, run_dir / "teacher_heads.pth")
     return backbone_path, heads_path

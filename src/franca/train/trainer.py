@@ -34,8 +34,16 @@ from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes
 from franca.train.data import build_train_loader
 from franca.train.ema import ema_update_, pair_parameters
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
+from franca.train.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_tensor,
+    wrap_for_training,
+)
 from franca.train.schedules import Schedules
-from franca.train.ssl_model import FrancaLoss, SSLNetwork, TrainBatch, build_student_teacher
+from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
 
 
 class TrainingError(FrancaError):
@@ -62,7 +70,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def init_distributed(backend: str = "auto") -> torch.device:
-    """Join the process group described by torchrun's environment (if any) and pick this process's device."""
+    """Join the process group described by torchrun's environment (if any) and pick this process's device.
+
+    A process group that already exists (created by the caller) is used as it is.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
@@ -119,7 +130,14 @@ class Trainer:
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)
-        self.student_forward = self._wrap_student(self.student)
+        self.student_forward = wrap_for_training(
+            self.student,
+            self.teacher,
+            config.distributed.strategy,
+            self.device,
+            self.autocast_dtype,
+            config.distributed.fsdp_reshard_after_forward,
+        )
         self.param_groups = build_param_groups(
             self.student.parts(),
             patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
@@ -129,21 +147,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.param_groups, config.optim.adamw_betas, self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.schedules = Schedules.from_config(config, self.world_size)
-        self.ema_pairs = pair_parameters(self.teacher, self.student)
+        teacher_params, student_params = pair_parameters(self.teacher, self.student)
+        self.ema_pairs = ([local_tensor(p) for p in teacher_params], [local_tensor(p) for p in student_params])
         self.iteration = 0
         self.consecutive_nonfinite = 0
         # seed the per-rank model randomness (stochastic depth) differently on each rank
         torch.manual_seed(config.train.seed + 1 + self.rank)
 
     # ------------------------------------------------------------------ setup
-    def _wrap_student(self, student: SSLNetwork) -> torch.nn.Module:
-        if self.world_size == 1:
-            return student
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(student, device_ids=device_ids, find_unused_parameters=False)
-
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -151,12 +162,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """The full training state with consolidated tensors (a collective under FSDP: call it on every rank)."""
         return {
             "iteration": self.iteration,
-            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-            "teacher": official_teacher_state(self.teacher),
+            "student": full_model_state(self.student),
+            "teacher": official_teacher_state(full_model_state(self.teacher)),
             "loss": {k: v.detach().cpu() for k, v in self.loss_fn.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.student, self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": _rng_state(self.device),
             "consecutive_nonfinite": self.consecutive_nonfinite,
@@ -165,18 +177,17 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        teacher_state = state["teacher"]
-        self.teacher.backbone.load_state_dict(
-            {k[len("backbone.") :]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
-        )
-        for name in ("dino_head", "ibot_head"):
-            prefix = f"{name}."
-            getattr(self.teacher, name).load_state_dict(
-                {k[len(prefix) :]: v for k, v in teacher_state.items() if k.startswith(prefix)}
-            )
+        """Restore a :meth:`state_dict`, whatever the world size and strategy it was saved with."""
+        load_full_model_state(self.student, state["student"])
+        teacher_state = {}
+        for key, value in state["teacher"].items():
+            if key.startswith(("dino_head.", "ibot_head.")):
+                key = key.replace("weight_g", "parametrizations.weight.original0")
+                key = key.replace("weight_v", "parametrizations.weight.original1")
+            teacher_state[key] = value
+        load_full_model_state(self.teacher, teacher_state)
         self.loss_fn.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(self.student, self.optimizer, state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
@@ -184,7 +195,7 @@ class Trainer:
         rng = state.get("rng")
         if rng is not None and int(state.get("world_size", 1)) == self.world_size:
             _set_rng_state(rng, self.device)
-        else:  # another world size: keep the data order exact, re-seed the model randomness per rank
+        else:  # another world size: the data order stays exact, the model randomness is re-seeded per rank
             torch.manual_seed(self.config.train.seed + 1 + self.rank + 1000 * self.iteration)
 
     def resume(self) -> Path | None:
@@ -261,12 +272,11 @@ class Trainer:
         os.replace(tmp, path)
 
     def _save(self) -> Path | None:
+        state = self.state_dict()  # a collective under FSDP: every rank takes part
         path = None
         if self.is_main:
-            path = save_checkpoint(
-                self.output_dir, self.iteration, self.state_dict(), self.config.train.keep_last
-            )
-            export_teacher(self.output_dir, self.teacher, self.iteration)
+            path = save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
+            export_teacher(self.output_dir, state["teacher"], self.teacher.backbone.config, self.iteration)
         dist_utils.barrier()
         return path
 

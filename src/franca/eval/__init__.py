@@ -1,0 +1,17 @@
+"""Evaluation protocols for frozen backbones, each a module with a tensor-level core, a model-level function and a CLI.
+
+Classification (image-level features):
+
+- :mod:`franca.eval.knn`: weighted k-NN on L2-normalised CLS features (DINOv2 protocol: cosine, T=0.07,
+  k in 10/20/100/200, top-1/top-5), chunked and optionally faiss-backed;
+- :mod:`franca.eval.sliced`: the same k-NN on Matryoshka slices (first m dims) and on PCA-truncated features (Fig. 4);
+- :mod:`franca.eval.linear`: linear probe with many (feature set, learning rate) heads trained jointly (DINOv2);
+- :mod:`franca.eval.logreg`: L-BFGS logistic regression with a C sweep (fine-grained protocol, scikit-learn).
+
+Dense (patch-level features): :mod:`franca.eval.hummingbird` (in-context segmentation), :mod:`franca.eval.linear_seg`
+(linear segmentation), :mod:`franca.eval.overclustering` (K-means overclustering), :mod:`franca.eval.pca_maps` (PCA
+visualisations).
+
+Shared plumbing (options, model loading, result files) is in :mod:`franca.eval.common`; feature extraction in
+:mod:`franca.eval.features`. ``franca eval <protocol> --help`` lists the options of each protocol.
+"""

@@ -1,0 +1,289 @@
+"""Plumbing shared by every evaluation protocol: common CLI options, model loading, devices and result files.
+
+Each protocol module (``franca.eval.knn``, ``franca.eval.hummingbird``, ...) calls :func:`add_common_arguments` from
+its ``add_arguments(parser)``, :func:`load_model` at the start of ``run(args)`` and :func:`write_results` at the end,
+so that every ``franca eval <protocol>`` command takes the same options and writes the same kind of JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from franca.errors import CheckpointError, ConfigError
+
+DEFAULT_OUTPUT_ROOT = Path("runs") / "eval"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None = None) -> None:
+    """Add the options every protocol shares: --checkpoint, --rasa, --output-dir, --size, --batch-size, ...
+
+    ``protocol`` only sets the shown default of --output-dir (``runs/eval/<protocol>``); without it the default is
+    resolved by :func:`write_results` from the result name.
+    """
+    default_dir = str(DEFAULT_OUTPUT_ROOT / protocol) if protocol else None
+    group = parser.add_argument_group("model and run")
+    group.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)"
+    )
+    group.add_argument(
+        "--rasa",
+        default=None,
+        metavar="HEAD",
+        help="attach a RASA head (file with the head or a folded DxD matrix) to the patch features; "
+        "'checkpoint' uses the rasa_head.* tensors stored in --checkpoint",
+    )
+    group.add_argument(
+        "--output-dir",
+        default=default_dir,
+        metavar="DIR",
+        help=f"where to write the JSON results (default: {default_dir or 'runs/eval/<protocol>'})",
+    )
+    group.add_argument(
+        "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
+    )
+    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    group.add_argument("--seed", type=int, default=0, help="seed of every random choice of the protocol")
+
+
+# --------------------------------------------------------------------------------------------------- devices
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cpu``; ``cuda``/``cuda:N`` (ConfigError when no GPU is visible)."""
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name}: no CUDA device is visible; use --device cpu or --device auto"
+            )
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return device
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    raise ConfigError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (as the official evaluations), a no-op elsewhere (bf16 on CPU is ~20x slower here)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for reproducible protocol choices."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------- model
+def check_input_size(size: int, patch_size: int, option: str = "--size") -> None:
+    """Raise ConfigError unless ``size`` is a positive multiple of ``patch_size``."""
+    if size <= 0 or size % patch_size:
+        lower = max(patch_size, size // patch_size * patch_size)
+        raise ConfigError(
+            f"{option} {size} is not a multiple of the patch size {patch_size}; use e.g. {lower} or {lower + patch_size}"
+        )
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
+    """Load ``args.checkpoint`` (with ``args.rasa`` attached), move it to ``args.device`` in eval mode.
+
+    Also checks that ``args.size`` (when present) is a multiple of the patch size, so the error comes before any
+    data is read.
+    """
+    from franca.checkpoints import load_backbone
+
+    rasa: Any = getattr(args, "rasa", None)
+    if isinstance(rasa, str) and rasa == "checkpoint" and not Path(rasa).exists():
+        rasa = True
+    elif isinstance(rasa, str) and not Path(rasa).exists():
+        raise CheckpointError(f"--rasa {rasa}: no such file; give a RASA head file or 'checkpoint'")
+    device = resolve_device(getattr(args, "device", "auto"))
+    model = load_backbone(args.checkpoint, rasa=rasa)
+    size = getattr(args, "size", None)
+    if size is not None:
+        check_input_size(int(size), int(model.patch_size))
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model, device
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader for evaluation that skips unreadable samples (``franca.data.images.collate_skip_none``)."""
+    from franca.data.images import collate_skip_none
+
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- results
+def _jsonable(value: Any) -> Any:
+    """Convert tensors, arrays, paths, tuples and NumPy scalars into plain JSON types (NaN/inf become null)."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist() if value.ndim else value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, torch.device):
+        return str(value)
+    return repr(value)
+
+
+def _arguments_dict(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
+    if args is None:
+        return {}
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {key: _jsonable(value) for key, value in items if not key.startswith("_") and not callable(value)}
+
+
+def flatten_scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float | int | str]:
+    """``{"k20": {"top1": 81.2}}`` -> ``{"k20/top1": 81.2}``: every scalar leaf of a nested dict, lists skipped."""
+    flat: dict[str, float | int | str] = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_scalars(value, name))
+        elif (isinstance(value, torch.Tensor) and value.ndim == 0) or isinstance(value, np.generic):
+            flat[name] = value.item()
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def _format_cell(value: Any, precision: int) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{precision}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, precision: int = 2
+) -> str:
+    """An aligned plain-text table of ``rows`` (dicts) with the given ``columns`` (default: keys of the first row).
+
+    Numbers are right-aligned and floats printed with ``precision`` decimals; a missing cell is blank.
+    """
+    if not rows:
+        return ""
+    columns = list(columns) if columns is not None else list(rows[0].keys())
+    cells = [[_format_cell(row.get(column, ""), precision) for column in columns] for row in rows]
+    numeric = [
+        all(
+            isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
+            for row in rows
+        )
+        for column in columns
+    ]
+    widths = [max(len(str(column)), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+
+    def render(values: Iterable[str]) -> str:
+        parts = [
+            value.rjust(width) if is_number else value.ljust(width)
+            for value, width, is_number in zip(values, widths, numeric)
+        ]
+        return "  ".join(parts).rstrip()
+
+    header = render(str(column) for column in columns)
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([header, rule, *(render(line) for line in cells)])
+
+
+def write_results(
+    results: Mapping[str, Any],
+    output_dir: str | os.PathLike | None,
+    name: str,
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    print_table: bool = True,
+) -> Path:
+    """Write ``DIR/<name>.json``, print an aligned table of the scalar metrics (unless ``print_table`` is False)
+    and the file's path; returns the JSON path.
+
+    The file holds ``protocol`` (= ``name``), ``checkpoint`` (from ``args`` or ``results``), ``arguments`` (the parsed
+    options), ``timestamp`` (UTC, ISO 8601), ``franca_version`` and ``metrics`` (``results`` made JSON-safe). It is
+    written to a temporary name and renamed, so an interrupted run never leaves half a file. ``output_dir`` None means
+    ``runs/eval/<name>``.
+    """
+    from franca import __version__
+
+    directory = Path(output_dir) if output_dir is not None else DEFAULT_OUTPUT_ROOT / name
+    directory.mkdir(parents=True, exist_ok=True)
+    arguments = _arguments_dict(args)
+    checkpoint = arguments.get(
+        "checkpoint", results.get("checkpoint") if isinstance(results, Mapping) else None
+    )
+    payload = {
+        "protocol": name,
+        "checkpoint": _jsonable(checkpoint),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "franca_version": __version__,
+        "arguments": arguments,
+        "metrics": _jsonable(results),
+    }
+    path = directory / f"{name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    if print_table:
+        scalars = flatten_scalars(results)
+        if scalars:
+            rows = [{"metric": key, "value": value} for key, value in scalars.items()]
+            print(f"{name} ({checkpoint or 'model'})")
+            print(format_table(rows, ["metric", "value"]))
+    print(f"{name}: results written to {path}")
+    return path

@@ -1,0 +1,114 @@
+"""Data parallelism for the student and teacher: DDP or FSDP2, and state dicts that move across world sizes.
+
+- ``ddp``: the student is wrapped in ``DistributedDataParallel``; the teacher is replicated.
+- ``fsdp``: ``fully_shard`` (FSDP2) on every transformer block, on each head and on the root, for both networks (the
+  teacher is sharded like the student so that the EMA update is a local, shard-by-shard operation). On CUDA the
+  parameters are gathered in bf16 and gradients reduced in fp32.
+
+Checkpoints always hold *full* (consolidated) state dicts, keyed by parameter names, so a run saved on N ranks resumes
+on M ranks with either strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from franca import distributed as dist_utils
+from franca.errors import ConfigError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _fsdp_api() -> tuple[Any, Any]:
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def shard_network(network: nn.Module, device: torch.device, param_dtype: torch.dtype | None,
+                  reshard_after_forward: bool = False) -> nn.Module:
+    """Apply FSDP2 to an :class:`~franca.train.ssl_model.SSLNetwork` in place: blocks, heads, then the root."""
+    fully_shard, MixedPrecisionPolicy = _fsdp_api()
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype if device.type == "cuda" else None,
+        reduce_dtype=torch.float32 if device.type == "cuda" else None,
+    )
+    for block in network.backbone.blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(network.dino_head, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if network.ibot_head is not network.dino_head:
+        fully_shard(network.ibot_head, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(network, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return network
+
+
+def wrap_for_training(student: nn.Module, teacher: nn.Module, strategy: str, device: torch.device,
+                      param_dtype: torch.dtype | None, reshard_after_forward: bool = False) -> nn.Module:
+    """Parallelise the networks for the current process group; returns the module to call for the student forward.
+
+    Without a process group (one process) nothing is wrapped.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"config key 'distributed.strategy' is {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if dist_utils.get_world_size() == 1:
+        return student
+    if strategy == "fsdp":
+        shard_network(student, device, param_dtype, reshard_after_forward)
+        shard_network(teacher, device, param_dtype, reshard_after_forward)
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=device_ids)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in module.parameters())
+
+
+def full_model_state(module: nn.Module) -> dict[str, Tensor]:
+    """The consolidated state dict of a (possibly sharded) module on CPU; collective when sharded."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a consolidated state dict into a (possibly sharded) module."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_options(full_state_dict=True))
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter names, consolidated over shards (collective when sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True))
