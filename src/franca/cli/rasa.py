@@ -1,0 +1,212 @@
+"""``franca rasa --checkpoint CKPT --data PATH... --output-dir DIR``: train a RASA head on a frozen backbone.
+
+Writes ``DIR/rasa_head.pth`` (the official head layout), ``DIR/rasa_metrics.json`` (position R^2/MSE before and after
+each removal step) and ``DIR/backbone_rasa.safetensors`` (the backbone with the folded RASA matrix attached, so that
+``franca.load_backbone`` gives ``x_norm_patchtokens_rasa``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image folders (recursive), globs, list files or images",
+    )
+    parser.add_argument(
+        "--output-dir", required=True, metavar="DIR", help="folder for the head, metrics and backbone"
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=8, help="removal steps to train (paper: 8; releases: 9-10)"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per iteration (paper: 5)")
+    parser.add_argument(
+        "--lr", type=float, default=2e-3, help="AdamW learning rate, cosine to 0 (paper: 2e-3)"
+    )
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="crop side in pixels, a multiple of the patch size (default: the model's)",
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (paper: 128)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="use a random subset of at most N images"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of the images kept out of training to measure the position metrics on (0: measure on the "
+        "training features)",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="re-augment and re-extract features every epoch (the paper's recipe; slower) instead of extracting one "
+        "augmented view per image once",
+    )
+    parser.add_argument(
+        "--orthogonal-steps",
+        action="store_true",
+        help="make each removal plane orthogonal to the earlier ones so that every step removes linear position "
+        "information (not the official method, whose steps after the first only shrink it)",
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the subset, split, augmentation and initialisation"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _split(
+    paths: list[Path], holdout: float, max_images: int | None, seed: int
+) -> tuple[list[Path], list[Path]]:
+    """A seeded random subset of ``max_images`` paths, split into (training, held-out) lists in their listed order."""
+    order = list(range(len(paths)))
+    random.Random(seed).shuffle(order)
+    if max_images is not None:
+        order = order[:max_images]
+    held = 0
+    if holdout > 0 and len(order) >= 2:
+        held = min(len(order) - 1, max(1, round(len(order) * holdout)))
+    return [paths[i] for i in sorted(order[held:])], [paths[i] for i in sorted(order[:held])]
+
+
+def _table(result: Any) -> str:
+    """Per-iteration position metrics as an aligned text table."""
+    header = f"{'step':>6} {'train loss':>11} {'pred R^2':>9} {'pred MSE':>10} {'pos R^2 left':>13} {'pos MSE left':>13}"
+    lines = [header, "-" * len(header)]
+    base = result.baseline
+    lines.append(
+        f"{'before':>6} {'':>11} {'':>9} {'':>10} {base['linear_r2']:>13.4f} {base['linear_mse']:>13.6f}"
+    )
+    for entry in result.metrics:
+        lines.append(
+            f"{entry['iteration']:>6d} {entry['train_loss']:>11.6f} {entry['predictor_r2']:>9.4f} "
+            f"{entry['predictor_mse']:>10.6f} {entry['linear_r2']:>13.4f} {entry['linear_mse']:>13.6f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from franca.checkpoints import load_backbone, save_backbone
+    from franca.data.images import ImageFileDataset, collate_skip_none, list_images
+    from franca.errors import ConfigError
+    from franca.eval.common import resolve_device
+    from franca.rasa import rasa_eval_transform, rasa_transform, save_rasa_head, train_rasa
+
+    start = time.perf_counter()
+    if args.iterations < 1 or args.epochs < 1 or args.batch_size < 1:
+        raise ConfigError("--iterations, --epochs and --batch-size must be at least 1")
+    if not 0 <= args.holdout < 1:
+        raise ConfigError(f"--holdout {args.holdout}: give a fraction in [0, 1)")
+    if args.max_images is not None and args.max_images < 1:
+        raise ConfigError(f"--max-images {args.max_images}: give at least 1")
+    device = resolve_device(args.device)
+    model = load_backbone(args.checkpoint)
+    had_rasa = model.rasa is not None
+    model.set_rasa(None)
+    size = args.size or model.config.img_size
+    if size % model.patch_size:
+        raise ConfigError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
+    train_paths, heldout_paths = _split(list_images(args.data), args.holdout, args.max_images, args.seed)
+    torch.manual_seed(args.seed)
+    loader = DataLoader(
+        ImageFileDataset(train_paths, rasa_transform(size)),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        collate_fn=collate_skip_none,
+        generator=torch.Generator().manual_seed(args.seed),
+        pin_memory=device.type == "cuda",
+    )
+    eval_loader = None
+    if heldout_paths:
+        eval_loader = DataLoader(
+            ImageFileDataset(heldout_paths, rasa_eval_transform(size)),
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=args.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=device.type == "cuda",
+        )
+    print(
+        f"RASA on {args.checkpoint}: {len(train_paths)} training images, {len(heldout_paths)} held out, "
+        f"{size} px ({size // model.patch_size}x{size // model.patch_size} patches), {args.iterations} iterations x "
+        f"{args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}, "
+        f"{'features re-extracted every epoch' if args.no_cache else 'features cached'}, on {device}"
+    )
+    result = train_rasa(
+        model,
+        loader,
+        eval_data=eval_loader,
+        iterations=args.iterations,
+        epochs_per_iteration=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        device=device,
+        cache_features=not args.no_cache,
+        orthogonal_steps=args.orthogonal_steps,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"\nposition metrics on the {result.settings['metrics_on']} (R^2 left: closed-form linear fit, 2-fold CV)"
+    )
+    print(_table(result))
+    if result.settings.get("skipped_images"):
+        print(f"skipped {result.settings['skipped_images']} unreadable images")
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    head_path = save_rasa_head(result.weights, output_dir / "rasa_head.pth")
+    summary = result.to_dict()
+    summary["settings"].update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "data": [str(item) for item in args.data],
+            "size": size,
+            "train_images": len(train_paths),
+            "heldout_images": len(heldout_paths),
+            "seed": args.seed,
+            "device": str(device),
+        }
+    )
+    metrics_path = output_dir / "rasa_metrics.json"
+    metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    model.set_rasa(result.matrix)
+    backbone_path = save_backbone(
+        model.cpu(),
+        output_dir / "backbone_rasa.safetensors",
+        metadata={"rasa_iterations": str(len(result.weights)), "rasa_source": str(args.checkpoint)},
+    )
+    if had_rasa:
+        print(f"note: the RASA matrix that came with {args.checkpoint} was replaced by the new one")
+    print(f"\nwrote {head_path}, {metrics_path} and {backbone_path} in {time.perf_counter() - start:.1f}s")
+    print(
+        "load it with:\n"
+        f'  model = franca.load_backbone("{backbone_path}")\n'
+        f'  or: model = franca.load_backbone("{args.checkpoint}", rasa="{head_path}")\n'
+        '  model.forward_features(images)["x_norm_patchtokens_rasa"]  # patch tokens without absolute position'
+    )
+    return 0
