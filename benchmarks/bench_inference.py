@@ -53,9 +53,13 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         ours = build_model(args.arch, img_size=518, ffn_layer="mlp").to(device).eval()
-        reference = timm.create_model(
-            TIMM_NAMES[args.arch], pretrained=False, num_classes=0, img_size=size, dynamic_img_size=False
-        ).to(device).eval()
+        reference = (
+            timm.create_model(
+                TIMM_NAMES[args.arch], pretrained=False, num_classes=0, img_size=size, dynamic_img_size=False
+            )
+            .to(device)
+            .eval()
+        )
         x = torch.randn(args.batch, 3, size, size, device=device)
         for model in (ours, reference):  # warm-up
             _time(model, x, device, dtype)
@@ -65,18 +69,39 @@ def main() -> None:
             times["timm"].append(_time(reference, x, device, dtype))
         franca_ips = args.batch / statistics.median(times["franca"])
         timm_ips = args.batch / statistics.median(times["timm"])
-        rows.append({"arch": args.arch, "size": size, "batch": args.batch, "device": str(device),
-                     "franca_img_per_s": franca_ips, "timm_img_per_s": timm_ips, "ratio": franca_ips / timm_ips})
+        rows.append(
+            {
+                "arch": args.arch,
+                "size": size,
+                "batch": args.batch,
+                "device": str(device),
+                "franca_img_per_s": franca_ips,
+                "timm_img_per_s": timm_ips,
+                "ratio": franca_ips / timm_ips,
+            }
+        )
     header = f"{'arch':<10} {'size':>5} {'batch':>5} {'franca img/s':>13} {'timm img/s':>11} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['arch']:<10} {row['size']:>5} {row['batch']:>5} {row['franca_img_per_s']:>13.2f} "
-              f"{row['timm_img_per_s']:>11.2f} {row['ratio']:>6.2f}")
+        print(
+            f"{row['arch']:<10} {row['size']:>5} {row['batch']:>5} {row['franca_img_per_s']:>13.2f} "
+            f"{row['timm_img_per_s']:>11.2f} {row['ratio']:>6.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                               "torch": torch.__version__, "timm": timm.__version__, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

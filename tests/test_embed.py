@@ -33,7 +33,9 @@ def image_folder(tmp_path: Path) -> Path:
     Image.fromarray(rgb).convert("L").save(root / "nested" / "c_gray.jpg")
     Image.fromarray(rgb).convert("P").save(root / "nested" / "d_palette.gif")
     Image.fromarray(rgb).convert("CMYK").save(root / "nested" / "e_cmyk.jpg")
-    Image.fromarray((rng.integers(0, 4096, (30, 30))).astype(np.uint16)).save(root / "nested" / "deeper" / "f_16bit.png")
+    Image.fromarray((rng.integers(0, 4096, (30, 30))).astype(np.uint16)).save(
+        root / "nested" / "deeper" / "f_16bit.png"
+    )
     (root / "g_broken.jpg").write_bytes(b"not an image at all")
     (root / "h_empty.png").write_bytes(b"")
     full = root / "a_rgb.png"
@@ -42,10 +44,28 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def test_embed_folder_writes_features_and_paths(tmp_path: Path, checkpoint: Path, image_folder: Path, capsys) -> None:
+def test_embed_folder_writes_features_and_paths(
+    tmp_path: Path, checkpoint: Path, image_folder: Path, capsys
+) -> None:
     out = tmp_path / "features.safetensors"
-    code = main(["embed", str(image_folder), "--checkpoint", str(checkpoint), "--out", str(out), "--size", "32",
-                 "--batch-size", "3", "--tokens", "cls,patch,mean", "--device", "cpu"])
+    code = main(
+        [
+            "embed",
+            str(image_folder),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--batch-size",
+            "3",
+            "--tokens",
+            "cls,patch,mean",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "embedded 6 of 9 images (3 unreadable, skipped)" in printed
@@ -55,8 +75,14 @@ def test_embed_folder_writes_features_and_paths(tmp_path: Path, checkpoint: Path
     assert cls.shape == (6, 192) and patch.shape == (6, 16, 192)
     torch.testing.assert_close(mean, patch.mean(dim=1))
     # sorted by path components: nested/deeper/ comes before nested/e_cmyk.jpg
-    assert [Path(p).name for p in paths] == ["a_rgb.png", "b_rgba.png", "c_gray.jpg", "d_palette.gif", "f_16bit.png",
-                                              "e_cmyk.jpg"]
+    assert [Path(p).name for p in paths] == [
+        "a_rgb.png",
+        "b_rgba.png",
+        "c_gray.jpg",
+        "d_palette.gif",
+        "f_16bit.png",
+        "e_cmyk.jpg",
+    ]
     assert (tmp_path / "features.paths.txt").read_text().splitlines() == paths
     assert torch.isfinite(patch).all()
 
@@ -66,8 +92,24 @@ def test_embed_rows_match_a_direct_forward(tmp_path: Path, checkpoint: Path, ima
     from franca.data.images import load_image
 
     out = tmp_path / "cls.npy"
-    assert main(["embed", str(image_folder / "a_rgb.png"), str(image_folder / "nested" / "*.jpg"), "--checkpoint",
-                 str(checkpoint), "--out", str(out), "--size", "32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(image_folder / "a_rgb.png"),
+                str(image_folder / "nested" / "*.jpg"),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     features = np.load(out)
     names = [Path(p).name for p in (tmp_path / "cls.paths.txt").read_text().splitlines()]
     assert names == ["a_rgb.png", "c_gray.jpg", "e_cmyk.jpg"]
@@ -92,6 +134,17 @@ def test_embed_errors_are_one_line(tmp_path: Path, checkpoint: Path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert "no images found" in err and len(err.splitlines()) == 1
     (empty / "x.png").write_bytes(b"")
-    assert main(["embed", str(empty), "--checkpoint", str(tmp_path / "missing.pth"), "--out",
-                 str(tmp_path / "x.npy")]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                str(empty),
+                "--checkpoint",
+                str(tmp_path / "missing.pth"),
+                "--out",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 2
+    )
     assert "missing.pth" in capsys.readouterr().err

@@ -22,8 +22,14 @@ def test_official_file_names() -> None:
     assert release_file_name("vitg14", "LAION") == "franca_vitg14_Laion600M.pth"
 
 
-@pytest.mark.parametrize(("arch", "weights", "hint"), [("vitl14", "IN21K", "DINOv2-L"), ("vitg14", "IN21K", "incomplete"),
-                                                       ("vitb14", "LAION", "not trained on LAION")])
+@pytest.mark.parametrize(
+    ("arch", "weights", "hint"),
+    [
+        ("vitl14", "IN21K", "DINOv2-L"),
+        ("vitg14", "IN21K", "incomplete"),
+        ("vitb14", "LAION", "not trained on LAION"),
+    ],
+)
 def test_broken_releases_are_refused(arch: str, weights: str, hint: str) -> None:
     with pytest.raises(ConfigError, match=hint):
         release_file_name(arch, weights)

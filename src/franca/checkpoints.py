@@ -56,7 +56,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file; give the path of a .pth, .pt or .safetensors checkpoint")
+        raise CheckpointError(
+            f"{path}: no such file; give the path of a .pth, .pt or .safetensors checkpoint"
+        )
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; give the checkpoint file inside it")
     if path.stat().st_size == 0:
@@ -70,7 +72,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
                 metadata = dict(handle.metadata() or {})
                 state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error}); it may be truncated") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({error}); it may be truncated"
+            ) from None
         return state, metadata
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -80,9 +84,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
             f"{path}: holds Python objects other than tensors, which are not loaded for safety ({first_line}); "
             "re-save it with torch.save(state_dict) or export it with franca.save_backbone"
         ) from None
-    except Exception as error:  # torch raises many types for corrupt files (RuntimeError, EOFError, IndexError...)
+    except (
+        Exception
+    ) as error:  # torch raises many types for corrupt files (RuntimeError, EOFError, IndexError...)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({reason})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({reason})"
+        ) from None
     return _unwrap(obj, path), metadata
 
 
@@ -104,7 +112,9 @@ def _unwrap(obj: Any, source: Any) -> StateDict:
                 break
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{_describe(source)}: holds a {type(obj).__name__}, not a state dict of tensors")
+        raise CheckpointError(
+            f"{_describe(source)}: holds a {type(obj).__name__}, not a state dict of tensors"
+        )
     state = {str(key): value for key, value in obj.items() if isinstance(value, Tensor)}
     if not state:
         raise CheckpointError(f"{_describe(source)}: contains no tensors; is it a model checkpoint?")
@@ -146,7 +156,9 @@ def split_backbone_state(state: Mapping[str, Tensor]) -> tuple[StateDict, StateD
     return backbone, heads
 
 
-def infer_config(backbone: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: Any = None) -> ViTConfig:
+def infer_config(
+    backbone: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: Any = None
+) -> ViTConfig:
     """The :class:`ViTConfig` implied by canonical backbone tensors (and by an export's metadata when present)."""
     where = _describe(source)
     if metadata and metadata.get("config"):
@@ -155,7 +167,9 @@ def infer_config(backbone: Mapping[str, Tensor], metadata: Mapping[str, str] | N
             known = {f.name for f in fields(ViTConfig)}
             return ViTConfig(**{key: value for key, value in stored.items() if key in known})
         except (json.JSONDecodeError, TypeError) as error:
-            raise CheckpointError(f"{where}: the architecture stored in the metadata is unreadable ({error})") from None
+            raise CheckpointError(
+                f"{where}: the architecture stored in the metadata is unreadable ({error})"
+            ) from None
     required = ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight")
     missing = [key for key in required if key not in backbone]
     if missing:
@@ -203,20 +217,32 @@ def infer_config(backbone: Mapping[str, Tensor], metadata: Mapping[str, str] | N
 
 
 # Fields fixed by the tensors: an override must agree with the checkpoint.
-_SHAPE_FIELDS = ("embed_dim", "depth", "patch_size", "in_chans", "ffn_layer", "ffn_hidden_dim", "num_register_tokens")
+_SHAPE_FIELDS = (
+    "embed_dim",
+    "depth",
+    "patch_size",
+    "in_chans",
+    "ffn_layer",
+    "ffn_hidden_dim",
+    "num_register_tokens",
+)
 
 
 def _apply_overrides(config: ViTConfig, overrides: Mapping[str, Any], where: str) -> ViTConfig:
     known = {f.name for f in fields(ViTConfig)}
     for key, value in overrides.items():
         if key not in known:
-            raise CheckpointError(f"unknown backbone option {key!r} for {where}; valid options: {', '.join(sorted(known))}")
+            raise CheckpointError(
+                f"unknown backbone option {key!r} for {where}; valid options: {', '.join(sorted(known))}"
+            )
         if key in _SHAPE_FIELDS and getattr(config, key) != value:
             raise CheckpointError(
                 f"{where}: the checkpoint has {key}={getattr(config, key)!r} but {key}={value!r} was requested"
             )
     if "num_heads" in overrides and config.embed_dim % overrides["num_heads"]:
-        raise CheckpointError(f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads={overrides['num_heads']}")
+        raise CheckpointError(
+            f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads={overrides['num_heads']}"
+        )
     return replace(config, **overrides)
 
 
@@ -259,9 +285,13 @@ def load_backbone(
     config = _apply_overrides(config, overrides, where)
     if requested_img_size is not None and requested_img_size != config.img_size:
         if requested_img_size % config.patch_size:
-            raise CheckpointError(f"img_size={requested_img_size} is not a multiple of the patch size {config.patch_size}")
+            raise CheckpointError(
+                f"img_size={requested_img_size} is not a multiple of the patch size {config.patch_size}"
+            )
         prefix = 1
-        backbone["pos_embed"] = resample_pos_embed(backbone["pos_embed"], requested_img_size // config.patch_size, prefix)
+        backbone["pos_embed"] = resample_pos_embed(
+            backbone["pos_embed"], requested_img_size // config.patch_size, prefix
+        )
         config = replace(config, img_size=requested_img_size)
     rasa_matrix = backbone.pop("rasa.weight", None)
     model = DinoVisionTransformer(config)
@@ -279,7 +309,9 @@ def load_backbone(
             f"{config.depth}-block backbone (e.g. {result.unexpected_keys[0]!r})"
         )
     if rasa is True:
-        rasa = {key[len("rasa_head.") :]: value for key, value in heads.items() if key.startswith("rasa_head.")}
+        rasa = {
+            key[len("rasa_head.") :]: value for key, value in heads.items() if key.startswith("rasa_head.")
+        }
         if not rasa:
             raise CheckpointError(f"{where}: rasa=True but the checkpoint has no rasa_head.* tensors")
     if rasa is not None and rasa is not False:
@@ -291,7 +323,9 @@ def load_backbone(
     return model.eval()
 
 
-def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+def save_backbone(
+    model: DinoVisionTransformer, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write the backbone (and its folded RASA matrix, if any) as safetensors with the architecture in the metadata.
 
     The file is written to a temporary name and renamed, so an interrupted save never leaves a partial file.
@@ -303,7 +337,9 @@ def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike, metadat
         raise CheckpointError(f"{path}: backbone exports are safetensors files; use a .safetensors name")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
+    tensors = {
+        key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()
+    }
     info = {FORMAT_KEY: BACKBONE_FORMAT, "config": json.dumps(model.config.to_dict())}
     info.update(dict(metadata or {}))
     tmp = path.with_name(path.name + ".tmp")

@@ -65,7 +65,9 @@ def embed_images(
     if size % model.patch_size:
         raise ConfigError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
     if "patch_rasa" in tokens and model.rasa is None:
-        raise ConfigError("token kind 'patch_rasa' needs a RASA head: pass --rasa or a backbone exported with one")
+        raise ConfigError(
+            "token kind 'patch_rasa' needs a RASA head: pass --rasa or a backbone exported with one"
+        )
     device = torch.device(device)
     model = model.to(device).eval()
     dataset = ImageFileDataset(list(paths), transform=eval_transform(size))
@@ -79,7 +81,10 @@ def embed_images(
     counter = SkipCounter()
     chunks: dict[str, list[Tensor]] = {kind: [] for kind in tokens}
     kept: list[int] = []
-    with torch.inference_mode(), tqdm(total=len(dataset), unit="img", desc="embed", disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(dataset), unit="img", desc="embed", disable=not progress) as bar,
+    ):
         for batch in loader:
             bar.update(len(batch) + batch.num_skipped)
             if not counter.update(batch):
@@ -120,7 +125,9 @@ def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Pat
             "skipped": json.dumps([str(p) for p in result.skipped]),
         }
         tmp = out.with_name(out.name + ".tmp")
-        save_file({kind: value.contiguous() for kind, value in result.features.items()}, str(tmp), metadata=metadata)
+        save_file(
+            {kind: value.contiguous() for kind, value in result.features.items()}, str(tmp), metadata=metadata
+        )
         os.replace(tmp, out)
         written.append(out)
     elif out.suffix == ".npy":

@@ -33,7 +33,10 @@ UNAVAILABLE = {
     ("vitb14", "Laion600M"): "Franca ViT-B/14 was not trained on LAION; use weights='IN21K'",
     ("vitl14", "In21K"): "the v1.0.0 ViT-L/14 In21K file is the DINOv2-L baseline (official release notes); "
     "use weights='LAION' for Franca-L or weights='Dinov2_In21K' for the baseline",
-    ("vitg14", "In21K"): "the v1.0.0 ViT-g/14 In21K release is incomplete (official release notes); use weights='LAION'",
+    (
+        "vitg14",
+        "In21K",
+    ): "the v1.0.0 ViT-g/14 In21K release is incomplete (official release notes); use weights='LAION'",
     ("vitg14", "Dinov2_In21K"): "no DINOv2 ViT-g/14 In21K baseline was released; use weights='LAION'",
 }
 
@@ -41,7 +44,9 @@ UNAVAILABLE = {
 def _dataset_tag(weights: str) -> str:
     key = str(getattr(weights, "name", weights)).strip().lower()
     if key not in WEIGHTS:
-        raise ConfigError(f"unknown weights {weights!r}; choose 'IN21K', 'LAION' or 'Dinov2_In21K', or a local file")
+        raise ConfigError(
+            f"unknown weights {weights!r}; choose 'IN21K', 'LAION' or 'Dinov2_In21K', or a local file"
+        )
     return WEIGHTS[key]
 
 
@@ -72,7 +77,9 @@ def download_release(arch: str, weights: str, rasa: bool = False, progress: bool
             with open(archive, "wb") as joined:
                 for part in GIANT_PARTS:
                     part_path = Path(tmp) / part
-                    torch.hub.download_url_to_file(f"{RELEASE_URL}/{stem}_{part}", str(part_path), progress=progress)
+                    torch.hub.download_url_to_file(
+                        f"{RELEASE_URL}/{stem}_{part}", str(part_path), progress=progress
+                    )
                     joined.write(part_path.read_bytes())
                     part_path.unlink()
             with tarfile.open(archive) as tar:
@@ -88,12 +95,18 @@ def download_release(arch: str, weights: str, rasa: bool = False, progress: bool
     return target
 
 
-def _make(arch: str, default_weights: str, pretrained: bool, weights: Any, rasa: Any, **kwargs: Any) -> DinoVisionTransformer:
+def _make(
+    arch: str, default_weights: str, pretrained: bool, weights: Any, rasa: Any, **kwargs: Any
+) -> DinoVisionTransformer:
     from franca.models.vision_transformer import build_model
 
     checkpoint = kwargs.pop("checkpoint", None) or kwargs.pop("local_state_dict", None)
     weights = default_weights if weights is None else weights
-    if checkpoint is None and isinstance(weights, (str, os.PathLike)) and Path(weights).suffix in (".pth", ".pt", ".safetensors"):
+    if (
+        checkpoint is None
+        and isinstance(weights, (str, os.PathLike))
+        and Path(weights).suffix in (".pth", ".pt", ".safetensors")
+    ):
         checkpoint = weights
     arch_name = {"vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}[arch]
     if not pretrained and checkpoint is None:
@@ -106,16 +119,22 @@ def _make(arch: str, default_weights: str, pretrained: bool, weights: Any, rasa:
     return load_backbone(checkpoint, rasa=rasa, **kwargs)
 
 
-def franca_vitb14(*, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any) -> DinoVisionTransformer:
+def franca_vitb14(
+    *, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """Franca ViT-B/14 (IN21K, 518-px grid) or the DINOv2-B In21K baseline (``weights='Dinov2_In21K'``)."""
     return _make("vitb14", "IN21K", pretrained, weights, rasa, **kwargs)
 
 
-def franca_vitl14(*, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any) -> DinoVisionTransformer:
+def franca_vitl14(
+    *, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """Franca ViT-L/14 (LAION-600M) or the DINOv2-L In21K baseline (``weights='Dinov2_In21K'``)."""
     return _make("vitl14", "LAION", pretrained, weights, rasa, **kwargs)
 
 
-def franca_vitg14(*, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any) -> DinoVisionTransformer:
+def franca_vitg14(
+    *, pretrained: bool = True, weights: Any = None, rasa: Any = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """Franca ViT-g/14 (LAION-600M)."""
     return _make("vitg14", "LAION", pretrained, weights, rasa, **kwargs)

@@ -57,7 +57,13 @@ def test_matches_timm_dinov2_small(registers: int) -> None:
 
 def test_swiglu_matches_timm_packed_swiglu() -> None:
     reference = timm.create_model(
-        "vit_giant_patch14_dinov2", pretrained=False, num_classes=0, img_size=56, depth=2, embed_dim=384, num_heads=6
+        "vit_giant_patch14_dinov2",
+        pretrained=False,
+        num_classes=0,
+        img_size=56,
+        depth=2,
+        embed_dim=384,
+        num_heads=6,
     ).eval()
     _randomise(reference)
     hidden = reference.blocks[0].mlp.fc2.in_features
@@ -69,7 +75,10 @@ def test_swiglu_matches_timm_packed_swiglu() -> None:
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(
-            ours.forward_features(x)["x_norm_patchtokens"], reference.forward_features(x)[:, 1:], atol=1e-5, rtol=1e-5
+            ours.forward_features(x)["x_norm_patchtokens"],
+            reference.forward_features(x)[:, 1:],
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 

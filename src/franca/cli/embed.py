@@ -7,17 +7,25 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image folders (recursive), globs, list files or images")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image folders (recursive), globs, list files or images"
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)"
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="output .npy or .safetensors file")
-    parser.add_argument("--size", type=int, default=224, help="input side in pixels, a multiple of the patch size")
+    parser.add_argument(
+        "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--tokens",
         default="cls",
         help="comma-separated token kinds to write: cls, patch, mean (of the patch tokens), patch_rasa",
     )
-    parser.add_argument("--rasa", default=None, metavar="HEAD", help="RASA head file to attach (enables patch_rasa)")
+    parser.add_argument(
+        "--rasa", default=None, metavar="HEAD", help="RASA head file to attach (enables patch_rasa)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 

@@ -7,11 +7,19 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", required=True, help="a preset name (tiny_cpu, vitb14_in21k, vitl14_laion, ...) or a YAML file"
+        "--config",
+        required=True,
+        help="a preset name (tiny_cpu, vitb14_in21k, vitl14_laion, ...) or a YAML file",
     )
-    parser.add_argument("--output-dir", default=None, metavar="DIR", help="run directory (default: train.output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3")
+    parser.add_argument(
+        "--output-dir", default=None, metavar="DIR", help="run directory (default: train.output_dir)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.base_lr=1e-3"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,7 +44,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x)
+            .reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -109,7 +113,9 @@ class DropPath(nn.Module):
         return drop_path(x, self.drop_prob, self.training)
 
 
-def drop_add_residual_batch_subset(x: Tensor, residual: Callable[[Tensor], Tensor], drop_rate: float) -> Tensor:
+def drop_add_residual_batch_subset(
+    x: Tensor, residual: Callable[[Tensor], Tensor], drop_rate: float
+) -> Tensor:
     """DINOv2's batch-subset stochastic depth: the branch runs on floor(B(1-p)) random samples only.
 
     Their residual is added with the scale B / subset, the others pass unchanged; this saves the compute of the
@@ -119,9 +125,7 @@ def drop_add_residual_batch_subset(x: Tensor, residual: Callable[[Tensor], Tenso
     subset_size = max(int(batch * (1 - drop_rate)), 1)
     keep = torch.randperm(batch, device=x.device)[:subset_size]
     branch = residual(x[keep])
-    out = torch.index_add(
-        x.flatten(1), 0, keep, branch.flatten(1).to(x.dtype), alpha=batch / subset_size
-    )
+    out = torch.index_add(x.flatten(1), 0, keep, branch.flatten(1).to(x.dtype), alpha=batch / subset_size)
     return out.view_as(x)
 
 

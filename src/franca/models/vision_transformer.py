@@ -86,7 +86,9 @@ class DinoVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
         self.register_tokens = (
-            nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, dim))
+            if config.num_register_tokens
+            else None
         )
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         if config.drop_path_uniform:
@@ -133,7 +135,9 @@ class DinoVisionTransformer(nn.Module):
             self.rasa = None
             return
         if matrix.shape != (self.embed_dim, self.embed_dim):
-            raise ValueError(f"RASA matrix must be {self.embed_dim}x{self.embed_dim}, got {tuple(matrix.shape)}")
+            raise ValueError(
+                f"RASA matrix must be {self.embed_dim}x{self.embed_dim}, got {tuple(matrix.shape)}"
+            )
         param = next(self.parameters())
         self.rasa = nn.Linear(self.embed_dim, self.embed_dim, bias=False).to(param.device)
         with torch.no_grad():
@@ -170,7 +174,9 @@ class DinoVisionTransformer(nn.Module):
                 patch_pos, size=(rows, cols), mode="bicubic", antialias=self.interpolate_antialias
             )
         if patch_pos.shape[-2:] != (rows, cols):
-            raise RuntimeError(f"position interpolation gave {tuple(patch_pos.shape[-2:])}, expected {(rows, cols)}")
+            raise RuntimeError(
+                f"position interpolation gave {tuple(patch_pos.shape[-2:])}, expected {(rows, cols)}"
+            )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
         return torch.cat([pos_embed[:, :1], patch_pos], dim=1).to(dtype)
 

@@ -53,7 +53,9 @@ def official_teacher_state(teacher_state: dict[str, torch.Tensor]) -> dict[str, 
             key = key.replace("parametrizations.weight.original1", "weight_v")
         state[key] = value
     if not any(key.startswith("ibot_head.") for key in state):
-        state.update({"ibot_head." + k[len("dino_head.") :]: v for k, v in state.items() if k.startswith("dino_head.")})
+        state.update(
+            {"ibot_head." + k[len("dino_head.") :]: v for k, v in state.items() if k.startswith("dino_head.")}
+        )
     return state
 
 
@@ -100,8 +102,12 @@ def export_teacher(
 
     run_dir = Path(run_dir)
     backbone = DinoVisionTransformer(backbone_config)
-    backbone.load_state_dict({k[len("backbone.") :]: v for k, v in official_state.items() if k.startswith("backbone.")})
-    backbone_path = save_backbone(backbone, run_dir / "teacher_backbone.safetensors", metadata={"iteration": str(iteration)})
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in official_state.items() if k.startswith("backbone.")}
+    )
+    backbone_path = save_backbone(
+        backbone, run_dir / "teacher_backbone.safetensors", metadata={"iteration": str(iteration)}
+    )
     heads = {k: v for k, v in official_state.items() if k.startswith(("dino_head.", "ibot_head."))}
     heads_path = atomic_torch_save({"teacher": heads, "iteration": iteration}, run_dir / "teacher_heads.pth")
     return backbone_path, heads_path

@@ -30,8 +30,12 @@ def _fsdp_api() -> tuple[Any, Any]:
     return fully_shard, MixedPrecisionPolicy
 
 
-def shard_network(network: nn.Module, device: torch.device, param_dtype: torch.dtype | None,
-                  reshard_after_forward: bool = False) -> nn.Module:
+def shard_network(
+    network: nn.Module,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = False,
+) -> nn.Module:
     """Apply FSDP2 to an :class:`~franca.train.ssl_model.SSLNetwork` in place: blocks, heads, then the root."""
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
     policy = MixedPrecisionPolicy(
@@ -47,14 +51,22 @@ def shard_network(network: nn.Module, device: torch.device, param_dtype: torch.d
     return network
 
 
-def wrap_for_training(student: nn.Module, teacher: nn.Module, strategy: str, device: torch.device,
-                      param_dtype: torch.dtype | None, reshard_after_forward: bool = False) -> nn.Module:
+def wrap_for_training(
+    student: nn.Module,
+    teacher: nn.Module,
+    strategy: str,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = False,
+) -> nn.Module:
     """Parallelise the networks for the current process group; returns the module to call for the student forward.
 
     Without a process group (one process) nothing is wrapped.
     """
     if strategy not in STRATEGIES:
-        raise ConfigError(f"config key 'distributed.strategy' is {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(
+            f"config key 'distributed.strategy' is {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+        )
     if dist_utils.get_world_size() == 1:
         return student
     if strategy == "fsdp":
@@ -105,10 +117,14 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
     """The optimizer state keyed by parameter names, consolidated over shards (collective when sharded)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(module, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        module, optimizer, options=_options(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_full_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True))

@@ -148,7 +148,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.schedules = Schedules.from_config(config, self.world_size)
         teacher_params, student_params = pair_parameters(self.teacher, self.student)
-        self.ema_pairs = ([local_tensor(p) for p in teacher_params], [local_tensor(p) for p in student_params])
+        self.ema_pairs = (
+            [local_tensor(p) for p in teacher_params],
+            [local_tensor(p) for p in student_params],
+        )
         self.iteration = 0
         self.consecutive_nonfinite = 0
         # seed the per-rank model randomness (stochastic depth) differently on each rank
@@ -207,13 +210,20 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batch: TrainBatch) -> dict[str, Any]:
-        """Forward teacher and student, back-propagate, clip, step and update the teacher; returns the logs."""
+    def forward_backward(self, batch: TrainBatch) -> tuple[dict[str, Any], bool]:
+        """Teacher and student forward, the losses, and (when finite on every rank) the backward pass.
+
+        Returns the logs and whether gradients were computed; a non-finite loss on any rank skips the backward
+        everywhere, so that ranks never disagree about taking a step.
+        """
         schedule = self.schedules[self.iteration]
-        apply_schedules(self.optimizer, schedule.lr, schedule.weight_decay, schedule.last_layer_lr)
         batch = batch.to(self.device)
         with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(batch, teacher=True)
+        if hasattr(
+            self.teacher, "reshard"
+        ):  # FSDP2 keeps the root gathered after forward; the EMA updates shards
+            self.teacher.reshard()
         with self.autocast():
             student_out = self.student_forward(batch)
         losses = self.loss_fn(student_out, teacher_out, batch, schedule.teacher_temp)
@@ -226,19 +236,29 @@ class Trainer:
             "teacher_temp": schedule.teacher_temp,
             "last_layer_lr": schedule.last_layer_lr,
             "masked_patches": int(batch.masked_indices.numel()),
+            **losses.log_values(),
         }
         if int(finite.item()) != self.world_size:
+            return logs, False
+        if self.scaler is not None:
+            self.scaler.scale(losses.total).backward()
+        else:
+            losses.total.backward()
+        return logs, True
+
+    def train_step(self, batch: TrainBatch) -> dict[str, Any]:
+        """One iteration: forward and backward, per-module clipping, the optimizer step and the teacher EMA."""
+        schedule = self.schedules[self.iteration]
+        apply_schedules(self.optimizer, schedule.lr, schedule.weight_decay, schedule.last_layer_lr)
+        logs, ok = self.forward_backward(batch)
+        if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             self.consecutive_nonfinite += 1
-            logs.update(losses.log_values())
             logs["skipped_nonfinite"] = True
             return logs
         self.consecutive_nonfinite = 0
         if self.scaler is not None:
-            self.scaler.scale(losses.total).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            losses.total.backward()
         norms = clip_grad_norm_per_module(self.student.parts(), self.config.optim.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -248,7 +268,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             ema_update_(self.ema_pairs[0], self.ema_pairs[1], schedule.teacher_momentum)
-        logs.update(losses.log_values())
         logs.update({f"grad_norm_{name}": value for name, value in norms.items()})
         return logs
 

@@ -1,0 +1,260 @@
+"""Tests of the procedural synthetic data set (franca.data.synth) and of `franca data synth`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import franca.cli as cli
+from franca.data import synth
+from franca.errors import ConfigError, DataError
+
+NUM_CLASSES = 10
+VALID_LABELS = set(range(NUM_CLASSES + 1)) | {255}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under root."""
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+def _images(root: Path, split: str) -> list[Path]:
+    return sorted((root / split).glob("*/*.png"))
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, synth.SynthInfo]:
+    root = tmp_path_factory.mktemp("synth") / "data"
+    info = synth.generate_synthetic_dataset(root, num_train=23, num_val=10, size=32, seed=3, progress=False)
+    return root, info
+
+
+def test_same_seed_gives_identical_files_for_any_worker_count_and_other_seed_differs(tmp_path: Path) -> None:
+    kwargs = {"num_train": 12, "num_val": 4, "size": 32, "progress": False}
+    synth.generate_synthetic_dataset(tmp_path / "a", seed=7, workers=1, **kwargs)
+    synth.generate_synthetic_dataset(tmp_path / "b", seed=7, workers=2, **kwargs)
+    synth.generate_synthetic_dataset(tmp_path / "c", seed=8, workers=1, **kwargs)
+    files_a, files_b, files_c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert len(files_a) == 2 * (12 + 4) + 2
+    assert files_a == files_b
+    assert files_a.keys() == files_c.keys()  # same layout ...
+    images_a = {name: data for name, data in files_a.items() if name.startswith(("train/", "val/"))}
+    differing = [name for name in images_a if files_c[name] != images_a[name]]
+    assert len(differing) == len(images_a)  # ... but every image differs
+
+
+def test_layout_counts_and_metadata(small_dataset: tuple[Path, synth.SynthInfo]) -> None:
+    root, info = small_dataset
+    meta = json.loads((root / "classes.json").read_text())
+    assert meta["classes"] == list(synth.CLASS_NAMES) and len(meta["classes"]) == NUM_CLASSES
+    assert meta["label_ids"] == {name: index + 1 for index, name in enumerate(meta["classes"])}
+    assert (meta["num_train"], meta["num_val"], meta["size"], meta["seed"]) == (23, 10, 32, 3)
+    assert meta["complete"] is True and meta["ignore_label"] == 255 and meta["background_label"] == 0
+    assert "masks/<split>/<class>" in (root / "README.txt").read_text()
+    assert sorted(p.name for p in root.iterdir()) == ["README.txt", "classes.json", "masks", "train", "val"]
+    for split, expected in (("train", 23), ("val", 10)):
+        images = _images(root, split)
+        assert len(images) == expected
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(synth.CLASS_NAMES)
+        masks = sorted((root / "masks" / split).glob("*/*.png"))
+        assert len(masks) == expected
+        for image_path in images:
+            expected_mask = root / "masks" / split / image_path.parent.name / image_path.name
+            assert expected_mask.is_file()
+            assert synth.mask_path_for(image_path) == expected_mask
+        assert sorted(image.stem for image in images) == [f"{split}_{index:06d}" for index in range(expected)]
+    assert (info.num_train, info.num_val, info.size, info.seed) == (23, 10, 32, 3)
+    assert info.train_dir == root / "train" and info.mask_dir("val") == root / "masks" / "val"
+
+
+def test_classes_are_balanced_in_each_split(small_dataset: tuple[Path, synth.SynthInfo]) -> None:
+    root, info = small_dataset
+    for split, total in (("train", 23), ("val", 10)):
+        counts = {name: len(list((root / split / name).glob("*.png"))) for name in synth.CLASS_NAMES}
+        assert sum(counts.values()) == total
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert min(counts.values()) == total // NUM_CLASSES
+        assert info.class_counts[split] == counts
+
+
+def test_masks_are_valid_and_contain_the_main_class(small_dataset: tuple[Path, synth.SynthInfo]) -> None:
+    root, _ = small_dataset
+    for split in ("train", "val"):
+        for image_path in _images(root, split):
+            image = Image.open(image_path)
+            mask_image = Image.open(root / "masks" / split / image_path.parent.name / image_path.name)
+            assert image.mode == "RGB" and mask_image.mode == "L"
+            assert image.size == mask_image.size == (32, 32)
+            mask = np.asarray(mask_image)
+            assert set(np.unique(mask).tolist()) <= VALID_LABELS
+            main_label = synth.CLASS_NAMES.index(image_path.parent.name) + 1
+            assert np.count_nonzero(mask == main_label) >= 20  # a visible main object, not a stray pixel
+            assert np.count_nonzero(mask == 0) > 0  # some background
+            assert np.count_nonzero(mask == 255) <= 0.01 * mask.size
+
+
+def test_list_samples_and_read_info(small_dataset: tuple[Path, synth.SynthInfo]) -> None:
+    root, _ = small_dataset
+    samples = synth.list_samples(root, "val")
+    assert len(samples) == 10
+    for image_path, mask_path, class_id in samples:
+        assert image_path.parent.name == synth.CLASS_NAMES[class_id]
+        assert mask_path.is_file() and mask_path.parts[-4:-2] == ("masks", "val")
+    assert synth.read_synth_info(root).classes == synth.CLASS_NAMES
+    with pytest.raises(DataError, match="classes.json"):
+        synth.read_synth_info(root / "train")
+
+
+def test_render_sample_is_deterministic_and_consistent() -> None:
+    image_a, mask_a, class_a = synth.render_sample(123, size=48, class_id=4)
+    image_b, mask_b, class_b = synth.render_sample(np.random.default_rng(123), size=48, class_id=4)
+    assert class_a == class_b == 4
+    assert np.array_equal(np.asarray(image_a), np.asarray(image_b)) and np.array_equal(mask_a, mask_b)
+    assert image_a.size == (48, 48) and mask_a.shape == (48, 48) and mask_a.dtype == np.uint8
+    image_c, _, _ = synth.render_sample(124, size=48, class_id=4)
+    assert not np.array_equal(np.asarray(image_a), np.asarray(image_c))
+    # Without distractors the only object label is the main class.
+    for seed in range(10):
+        _, mask, class_id = synth.render_sample(seed, size=40, class_id=seed % NUM_CLASSES, num_distractors=0)
+        assert set(np.unique(mask).tolist()) - {0, 255} == {class_id + 1}
+    with pytest.raises(ConfigError):
+        synth.render_sample(0, size=8)
+    with pytest.raises(ConfigError):
+        synth.render_sample(0, class_id=NUM_CLASSES)
+
+
+def _boundary_distance_ok(mismatch: np.ndarray, signed_distance: np.ndarray) -> bool:
+    """Pixels may disagree with the analytic shape only where their centre is within 0.02 px of its boundary."""
+    return bool(np.all(np.abs(signed_distance[mismatch]) < 0.02))
+
+
+def test_rasterized_circle_and_square_match_analytic_shapes() -> None:
+    size = 64
+    cols, rows = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5)  # pixel centres
+    cx, cy, radius = 30.3, 27.8, 17.5
+    circle = synth.rasterize_shape(synth.ShapeSpec("circle", (cx, cy), radius), size)
+    distance = np.hypot(cols - cx, rows - cy) - radius
+    assert _boundary_distance_ok(circle != (distance <= 0), distance)
+    assert abs(int(circle.sum()) - math.pi * radius**2) < 0.02 * math.pi * radius**2
+
+    angle = 30.0  # counter-clockwise on screen
+    square = synth.rasterize_shape(synth.ShapeSpec("square", (cx, cy), radius, angle), size)
+    theta = math.radians(angle)
+    dx, dy = cols - cx, -(rows - cy)  # y up for the usual rotation formula
+    u = dx * math.cos(theta) + dy * math.sin(theta)  # coordinates in the square's own frame
+    v = -dx * math.sin(theta) + dy * math.cos(theta)
+    half_side = radius / math.sqrt(2.0)
+    square_distance = np.maximum(np.abs(u), np.abs(v)) - half_side
+    assert _boundary_distance_ok(square != (square_distance <= 0), square_distance)
+    assert abs(int(square.sum()) - (2 * half_side) ** 2) < 0.02 * (2 * half_side) ** 2
+
+    ring = synth.rasterize_shape(synth.ShapeSpec("ring", (cx, cy), radius, 0.0, (0.5,)), size)
+    inside_hole = np.hypot(cols - cx, rows - cy) < 0.5 * radius - 1
+    assert (
+        not ring[inside_hole].any() and ring[np.abs(np.hypot(cols - cx, rows - cy) - 0.75 * radius) < 2].all()
+    )
+
+    # Supersampling: scale 3 on a 3x canvas covers the same region.
+    fine = synth.rasterize_shape(synth.ShapeSpec("circle", (cx, cy), radius), 3 * size, scale=3)
+    fine_cols, fine_rows = np.meshgrid((np.arange(3 * size) + 0.5) / 3, (np.arange(3 * size) + 0.5) / 3)
+    fine_distance = np.hypot(fine_cols - cx, fine_rows - cy) - radius
+    assert _boundary_distance_ok(fine != (fine_distance <= 0), fine_distance)
+
+
+def test_majority_labels_match_a_per_pixel_reference() -> None:
+    rng = np.random.default_rng(0)
+    size, scale = 12, 3
+    # Blocky labels with random edges, so both majorities and 3-way ties occur.
+    labels = rng.choice([0, 2, 5, 7], size=(size * scale, size * scale), p=[0.55, 0.15, 0.15, 0.15]).astype(
+        np.uint8
+    )
+    result = synth._majority_labels(labels, size, scale, [0, 2, 5, 7])
+    for row in range(size):
+        for col in range(size):
+            block = labels[row * scale : (row + 1) * scale, col * scale : (col + 1) * scale].ravel()
+            counts = np.bincount(block, minlength=256)
+            winner = int(counts.argmax())
+            expected = winner if counts[winner] * 2 > scale * scale else 255
+            assert result[row, col] == expected
+    assert (result == 255).any() and (result != 255).any()
+
+
+def test_refuses_foreign_non_empty_folder_and_replaces_previous_output(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not empty"):
+        synth.generate_synthetic_dataset(foreign, num_train=3, num_val=1, size=24, progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written
+    synth.generate_synthetic_dataset(foreign, num_train=3, num_val=1, size=24, overwrite=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # A previous synthetic data set is replaced without --overwrite, and stale images disappear.
+    synth.generate_synthetic_dataset(foreign, num_train=12, num_val=2, size=24, progress=False)
+    synth.generate_synthetic_dataset(foreign, num_train=4, num_val=1, size=24, progress=False)
+    assert (
+        len(_images(foreign, "train")) == 4 and len(list((foreign / "masks" / "train").glob("*/*.png"))) == 4
+    )
+    with pytest.raises(ConfigError):
+        synth.generate_synthetic_dataset(tmp_path / "x", num_train=0, progress=False)
+    with pytest.raises(ConfigError):
+        synth.generate_synthetic_dataset(tmp_path / "y", num_train=2, size=8, progress=False)
+
+
+def test_interrupted_run_is_detected_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "partial"
+    real_render_and_save = synth._render_and_save
+    calls = []
+
+    def interrupted(task: tuple) -> int:
+        calls.append(task)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_render_and_save(task)
+
+    monkeypatch.setattr(synth, "_render_and_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_synthetic_dataset(out, num_train=10, num_val=2, size=24, progress=False)
+    monkeypatch.setattr(synth, "_render_and_save", real_render_and_save)
+    assert len(_images(out, "train")) == 3
+    with pytest.raises(DataError, match="did not finish"):
+        synth.read_synth_info(out)
+    synth.generate_synthetic_dataset(
+        out, num_train=10, num_val=2, size=24, progress=False
+    )  # no --overwrite needed
+    assert synth.read_synth_info(out).num_train == 10 and len(_images(out, "train")) == 10
+
+
+@pytest.fixture
+def data_only_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register only the `data` command, so that these tests do not depend on the other commands' modules."""
+    monkeypatch.setattr(cli, "COMMANDS", {"data": cli.COMMANDS["data"]})
+
+
+@pytest.mark.usefixtures("data_only_cli")
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["data", "synth", "--out", str(out), "--num-images", "15", "--val-images", "5", "--size", "24"]
+    assert cli.main([*argv, "--seed", "2", "--workers", "2"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "15 train + 5 val" in summary and str(out) in summary
+    assert len(_images(out, "train")) == 15 and len(_images(out, "val")) == 5
+    assert Image.open(_images(out, "val")[0]).size == (24, 24)
+    api = tmp_path / "api"
+    synth.generate_synthetic_dataset(api, num_train=15, num_val=5, size=24, seed=2, progress=False)
+    assert _files(out) == _files(api)
+
+
+@pytest.mark.usefixtures("data_only_cli")
+def test_cli_reports_non_empty_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "something.txt").write_text("x")
+    assert cli.main(["data", "synth", "--out", str(tmp_path), "--num-images", "2", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--overwrite" in error and str(tmp_path) in error
+    assert cli.main(["data"]) == 1  # no action: prints help
