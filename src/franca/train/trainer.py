@@ -300,7 +300,7 @@ class Trainer:
         return path
 
     def _tensorboard(self) -> Any:
-        if not self.is_main or not getattr(self.config.train, "tensorboard", False):
+        if not self.is_main or not self.config.train.tensorboard:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
