@@ -190,3 +190,36 @@ def test_per_sample_drop_path_in_training_only() -> None:
     with torch.no_grad():
         a, b = model(x), model(x)
     torch.testing.assert_close(a, b)
+
+
+def test_token_concatenated_multicrop_forward_equals_separate_forwards() -> None:
+    model = vit_tiny(patch_size=8, img_size=32, num_register_tokens=2).eval()
+    with torch.no_grad():
+        model.mask_token.normal_()
+    global_crops, local_crops = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    masks = torch.rand(4, 16) < 0.4
+    with torch.no_grad():
+        together = model.forward_features_list([global_crops, local_crops], [masks, None])
+        apart = [model.forward_features(global_crops, masks), model.forward_features(local_crops)]
+    for joint, single in zip(together, apart):
+        for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_norm_regtokens", "x_prenorm"):
+            torch.testing.assert_close(joint[key], single[key], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = vit_tiny(patch_size=8, img_size=32, depth=2).train()
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        outs = model.forward_features_list(crops)
+        sum(o["x_norm_clstoken"].pow(2).sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)

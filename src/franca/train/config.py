@@ -206,7 +206,9 @@ class RunConfig:
     log_every: int = 20
     keep_last: int = 3
     max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a non-finite loss
-    tensorboard: bool = False  # also write TensorBoard events to <run>/tensorboard (needs the tensorboard extra)
+    tensorboard: bool = (
+        False  # also write TensorBoard events to <run>/tensorboard (needs the tensorboard extra)
+    )
 
 
 @dataclass

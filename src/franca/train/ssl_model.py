@@ -90,12 +90,16 @@ class SSLNetwork(nn.Module):
         (both global-first, view-major), plus the backbone ``global_cls`` [2B, D] for KoLeo.
         """
         n_global = batch.global_crops.shape[0]
-        masks = None if teacher else batch.masks
-        global_out = self.backbone.forward_features(batch.global_crops, masks=masks)
-        cls_tokens = global_out["x_norm_clstoken"]
-        if not teacher and batch.local_crops is not None and batch.local_crops.shape[0]:
-            local_out = self.backbone.forward_features(batch.local_crops)
-            cls_tokens = torch.cat([cls_tokens, local_out["x_norm_clstoken"]])
+        if teacher or batch.local_crops is None or not batch.local_crops.shape[0]:
+            global_out = self.backbone.forward_features(
+                batch.global_crops, masks=None if teacher else batch.masks
+            )
+            cls_tokens = global_out["x_norm_clstoken"]
+        else:  # global and local crops through the blocks together (token-concatenated multi-crop forward)
+            global_out, local_out = self.backbone.forward_features_list(
+                [batch.global_crops, batch.local_crops], [batch.masks, None]
+            )
+            cls_tokens = torch.cat([global_out["x_norm_clstoken"], local_out["x_norm_clstoken"]])
         patch_tokens = global_out["x_norm_patchtokens"].flatten(0, 1)[batch.masked_indices]
         if self.separate_ibot_head:
             cls_logits, patch_logits = self.dino_head(cls_tokens), self.ibot_head(patch_tokens)

@@ -127,6 +127,13 @@ class Trainer:
         self.student, self.teacher = build_student_teacher(config)
         self.student.to(self.device)
         self.teacher.to(self.device)
+        if config.train.activation_checkpointing:
+            self.student.backbone.set_grad_checkpointing(True)
+        if config.train.compile:  # per block, before sharding (DINOv3's order: checkpointing, compile, FSDP)
+            for network in (self.student, self.teacher):
+                for block in network.backbone.blocks:
+                    block.compile()
+                    block.forward_list = torch.compile(block.forward_list)
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)
