@@ -64,6 +64,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def median(values: Sequence[float]) -> float:
+    """The median, the statistic every script reports (robust to the shared machine's load spikes)."""
     return statistics.median(values)
 
 

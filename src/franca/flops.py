@@ -37,6 +37,7 @@ from torch import nn
 from franca.errors import ConfigError
 from franca.models.heads import DINOHead, MatryoshkaHead, matryoshka_prototype_counts
 from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, ViTConfig
+from franca.train.config import HeadsConfig, MaskingConfig, TrainConfig
 
 __all__ = [
     "HeadSpec",
@@ -56,9 +57,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------------------------------------------
-def vit_config_from_train(config: object) -> ViTConfig:
+def vit_config_from_train(config: TrainConfig) -> ViTConfig:
     """The backbone :class:`ViTConfig` a :class:`~franca.train.config.TrainConfig` builds, without building it."""
-    model_cfg = config.model  # type: ignore[attr-defined]
+    model_cfg = config.model
     fields = {**ARCHITECTURES[model_cfg.arch], **model_cfg.vit_overrides()}
     return ViTConfig(**fields)
 
@@ -205,24 +206,24 @@ class HeadSpec:
         raise TypeError(f"expected a MatryoshkaHead or a DINOHead, got {type(head).__name__}")
 
     @classmethod
-    def from_config(cls, heads_config: object, embed_dim: int) -> HeadSpec:
+    def from_config(cls, heads_config: HeadsConfig, embed_dim: int) -> HeadSpec:
         """The spec :func:`franca.train.ssl_model.build_head` builds from a ``heads`` config section."""
         cfg = heads_config
-        mode = cfg.mode  # type: ignore[attr-defined]
+        mode = cfg.mode
         if mode == "dinov2":
             levels = [embed_dim]
-            counts = [int(cfg.n_prototypes)]  # type: ignore[attr-defined]
+            counts = [int(cfg.n_prototypes)]
         else:
-            levels = [int(round(fraction * embed_dim)) for fraction in cfg.resolved_levels()]  # type: ignore[attr-defined]
-            counts = matryoshka_prototype_counts(levels, cfg.n_prototypes)  # type: ignore[attr-defined]
+            levels = [int(round(fraction * embed_dim)) for fraction in cfg.resolved_levels()]
+            counts = matryoshka_prototype_counts(levels, cfg.n_prototypes)
         return cls(
             int(embed_dim),
             mode,
             tuple(levels),
             tuple(counts),
-            int(cfg.hidden_dim),  # type: ignore[attr-defined]
-            int(cfg.bottleneck_dim),  # type: ignore[attr-defined]
-            int(cfg.nlayers),  # type: ignore[attr-defined]
+            int(cfg.hidden_dim),
+            int(cfg.bottleneck_dim),
+            int(cfg.nlayers),
         )
 
 
@@ -272,7 +273,7 @@ def _integral_of_floor(x: float) -> float:
     return k * (k - 1) / 2 + k * (x - k)
 
 
-def expected_masked_patches(masking: object, n_crops: int, num_patches: int) -> float:
+def expected_masked_patches(masking: MaskingConfig, n_crops: int, num_patches: int) -> float:
     """Expected number of masked patches that :func:`franca.ssl.build_mask_batch` draws for ``n_crops`` crops.
 
     ``int(n_crops * probability)`` crops are masked; with p = linspace(r_min, r_max, n + 1) crop i masks
@@ -280,8 +281,8 @@ def expected_masked_patches(masking: object, n_crops: int, num_patches: int) -> 
     ``int(n_crops * probability) * N * (r_min + r_max) / 2`` minus about half a patch per masked crop.
     ``masking`` is the ``masking`` config section (``probability``, ``ratio_min_max``).
     """
-    probability = float(masking.probability)  # type: ignore[attr-defined]
-    ratio_min, ratio_max = (float(value) for value in masking.ratio_min_max)  # type: ignore[attr-defined]
+    probability = float(masking.probability)
+    ratio_min, ratio_max = (float(value) for value in masking.ratio_min_max)
     n_masked = int(n_crops * probability)
     if n_masked == 0:
         return 0.0
@@ -316,14 +317,14 @@ def franca_step_flops(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     vit = vit_config_from_train(config)
-    crops = config.crops  # type: ignore[attr-defined]
-    heads = config.heads  # type: ignore[attr-defined]
+    crops = config.crops
+    heads = config.heads
     n_global = 2 * batch_size
     n_local = int(crops.n_local) * batch_size
     global_size, local_size = int(crops.global_size), int(crops.local_size)
     num_patches = (global_size // vit.patch_size) ** 2
     if masked_patches is None:
-        masked_patches = expected_masked_patches(config.masking, n_global, num_patches)  # type: ignore[attr-defined]
+        masked_patches = expected_masked_patches(config.masking, n_global, num_patches)
     head_spec = HeadSpec.from_config(heads, vit.embed_dim)
     per_token = head_flops_per_token(head_spec)  # the DINO and iBOT heads share their shape
 
