@@ -322,3 +322,18 @@ def test_dinov2_layout_loads_as_dino_head_and_matches_reference():
     expected = h @ (v / v.norm(dim=1, keepdim=True)).T
     with torch.no_grad():
         torch.testing.assert_close(head(x)[0], expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["slice", "tied"])
+def test_normalized_bottleneck_option_makes_logits_cosines(mode: str) -> None:
+    torch.manual_seed(0)
+    head = MatryoshkaHead(32, n_prototypes=16, hidden_dim=24, bottleneck_dim=8, mode=mode, normalize_bottleneck=True)
+    x = torch.randn(5, 32)
+    # a unit bottleneck and unit prototypes (g = 1): every logit is a cosine, in [-1, 1]
+    for logits in head(x):
+        assert logits.abs().max() <= 1.0 + 1e-5
+    if mode == "slice":  # the widest level by formula: cos(bottleneck, prototype)
+        h = head.mlps[-1](head.matryoshka_projections[-1](x))
+        v = head.last_layers[-1].parametrizations.weight.original1
+        expected = F.normalize(h, dim=-1) @ F.normalize(v, dim=-1).T
+        torch.testing.assert_close(head(x)[-1], expected, atol=1e-6, rtol=1e-5)

@@ -201,6 +201,7 @@ class MatryoshkaHead(nn.Module):
         bottleneck_dim: int = 384,
         nlayers: int = 3,
         mode: str = "slice",
+        normalize_bottleneck: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MATRYOSHKA_MODES:
@@ -217,6 +218,9 @@ class MatryoshkaHead(nn.Module):
         self.bottleneck_dim = int(bottleneck_dim)
         self.nlayers = int(nlayers)
         self.mode = mode
+        # Not the official head: DINOv2's L2 normalisation of the bottleneck, per level (an option for small runs,
+        # where the unbounded official logits start ~1e-3 wide and the predictions stay uniform).
+        self.normalize_bottleneck = bool(normalize_bottleneck)
 
         if mode == "tied":
             widest = self.levels[-1]
@@ -251,8 +255,13 @@ class MatryoshkaHead(nn.Module):
         outputs = []
         for j, m in enumerate(self.levels):
             h = self.matryoshka_projections[j](x[..., :m] if self.mode == "slice" else x)
-            outputs.append(self.last_layers[j](self.mlps[j](h)))
+            outputs.append(self.last_layers[j](self._bottleneck(self.mlps[j](h))))
         return outputs
+
+    def _bottleneck(self, h: Tensor) -> Tensor:
+        if not self.normalize_bottleneck:
+            return h
+        return F.normalize(h, dim=-1, p=2, eps=1e-6 if h.dtype == torch.float16 else 1e-12)
 
     def _forward_tied(self, x: Tensor) -> list[Tensor]:
         """Tied mode: nested slices of one projection, one first MLP layer and one prototype matrix."""
@@ -266,12 +275,13 @@ class MatryoshkaHead(nn.Module):
             h = F.linear(h, first.weight[:, :m], first.bias)
             if rest is not None:
                 h = rest(h)
-            outputs.append(F.linear(h, prototypes[:k]))
+            outputs.append(F.linear(self._bottleneck(h), prototypes[:k]))
         return outputs
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(head)``."""
-        return f"mode={self.mode}, in_dim={self.in_dim}, levels={self.levels}, prototypes={self.prototype_counts}"
+        text = f"mode={self.mode}, in_dim={self.in_dim}, levels={self.levels}, prototypes={self.prototype_counts}"
+        return text + (", normalize_bottleneck=True" if self.normalize_bottleneck else "")
 
 
 # --------------------------------------------------------------------------------------------------------------

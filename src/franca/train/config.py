@@ -107,6 +107,8 @@ class HeadsConfig:
     bottleneck_dim: int = 384
     nlayers: int = 3
     separate_ibot_head: bool = True
+    # Not the official head: L2-normalise each level's bottleneck as DINOv2 does (see MatryoshkaHead).
+    normalize_bottleneck: bool = False
 
     def resolved_levels(self) -> list[float]:
         """The nesting fractions in use (``[1.0]`` for the single-head ``dinov2`` mode)."""

@@ -57,6 +57,7 @@ def build_head(config: TrainConfig, embed_dim: int) -> nn.Module:
         bottleneck_dim=heads.bottleneck_dim,
         nlayers=heads.nlayers,
         mode=heads.mode,
+        normalize_bottleneck=heads.normalize_bottleneck,
     )
 
 
