@@ -113,11 +113,10 @@ class StepRunner:
         self.teacher.to(self.device).eval()
         if config.train.activation_checkpointing:
             self.student.backbone.set_grad_checkpointing(True)
-        if self.compiled:  # as the trainer: each block's forward and its multi-crop forward_list
+        if self.compiled:  # as the trainer: each block's forward (which also takes the multi-crop lists)
             for network in (self.student, self.teacher):
                 for block in network.backbone.blocks:
                     block.compile()
-                    block.forward_list = torch.compile(block.forward_list)
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)

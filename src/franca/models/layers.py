@@ -166,7 +166,11 @@ class Block(nn.Module):
     def ffn_residual(self, x: Tensor) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """Tokens [B, N, D], or a list of several crops' tokens (see :meth:`forward_list`). Lists go through
+        ``__call__`` too, so that module hooks (FSDP2's parameter gathering) run for them."""
+        if isinstance(x, list):
+            return self.forward_list(x)
         if self.training and self.drop_path_rate > 0.1:
             x = drop_add_residual_batch_subset(x, self.attn_residual, self.drop_path_rate)
             return drop_add_residual_batch_subset(x, self.ffn_residual, self.drop_path_rate)
@@ -178,7 +182,7 @@ class Block(nn.Module):
         attention runs per crop. Mathematically the same as ``[self(x) for x in xs]``, with fewer, larger kernels.
         """
         if len(xs) == 1 or (self.training and self.drop_path_rate > 0.1):
-            return [self(x) for x in xs]
+            return [self.forward(x) for x in xs]
         shapes = [x.shape for x in xs]
         sizes = [shape[0] * shape[1] for shape in shapes]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])

@@ -227,7 +227,7 @@ class DinoVisionTransformer(nn.Module):
         masks_list = masks_list if masks_list is not None else [None] * len(xs)
         tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks_list, strict=True)]
         for block in self.blocks:
-            tokens = self._run_block(block.forward_list, tokens)
+            tokens = self._run_block(block, list(tokens))
         return [self._output_dict(t, m) for t, m in zip(tokens, masks_list, strict=True)]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

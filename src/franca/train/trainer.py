@@ -132,8 +132,7 @@ class Trainer:
         if config.train.compile:  # per block, before sharding (DINOv3's order: checkpointing, compile, FSDP)
             for network in (self.student, self.teacher):
                 for block in network.backbone.blocks:
-                    block.compile()
-                    block.forward_list = torch.compile(block.forward_list)
+                    block.compile()  # forward handles the list (multi-crop) inputs too
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)
