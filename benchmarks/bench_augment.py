@@ -25,9 +25,8 @@ import torch
 from common import machine_info, median, print_table, write_json
 from PIL import Image
 
-from franca.data.augmentations import MultiCropAugmentation
 from franca.train.config import load_config
-from franca.train.data import build_train_loader
+from franca.train.data import build_multicrop, build_train_loader
 
 # setting -> (config preset, source image size, images per timed pass, loader batch size)
 SETTINGS: dict[str, tuple[str, int, int, int]] = {
@@ -53,16 +52,7 @@ def generated_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
 def augment_throughput(preset: str, size: int, n_images: int, repeats: int) -> dict[str, Any]:
     """Images/s of MultiCropAugmentation on one thread (median over ``repeats`` passes over ``n_images`` images)."""
     config = load_config(preset, ["data.path=unused"])
-    crops = config.crops
-    transform = MultiCropAugmentation(
-        global_size=crops.global_size,
-        local_size=crops.local_size,
-        n_local_crops=crops.n_local,
-        global_scale=tuple(crops.global_scale),
-        local_scale=tuple(crops.local_scale),
-        blur=crops.blur_probabilities,
-        solarize_prob=crops.solarize_probability,
-    )
+    transform = build_multicrop(config)
     images = generated_images(n_images, size)
     transform(images[0])  # warm-up
     rates = []

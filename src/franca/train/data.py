@@ -127,6 +127,22 @@ class MultiCropCollator:
         )
 
 
+def build_multicrop(config: TrainConfig) -> Any:
+    """The multi-crop augmentation that ``config.crops`` describes."""
+    from franca.data.augmentations import MultiCropAugmentation
+
+    crops = config.crops
+    return MultiCropAugmentation(
+        global_size=crops.global_size,
+        local_size=crops.local_size,
+        n_local_crops=crops.n_local,
+        global_scale=tuple(crops.global_scale),
+        local_scale=tuple(crops.local_scale),
+        blur=crops.blur_probabilities,
+        solarize_prob=crops.solarize_probability,
+    )
+
+
 def build_train_loader(
     config: TrainConfig,
     patch_size: int,
@@ -136,7 +152,6 @@ def build_train_loader(
     world_size: int = 1,
 ) -> tuple[DataLoader, int]:
     """The infinite training DataLoader starting at ``start_iteration``; returns it and the data set size (or -1)."""
-    from franca.data.augmentations import MultiCropAugmentation
     from franca.data.datasets import build_unlabeled_dataset
     from franca.errors import ConfigError
 
@@ -144,17 +159,7 @@ def build_train_loader(
         raise ConfigError(
             "config key 'data.path' is not set; pass data.path=FOLDER (e.g. made by `franca data synth`)"
         )
-    crops = config.crops
-    transform = MultiCropAugmentation(
-        global_size=crops.global_size,
-        local_size=crops.local_size,
-        n_local_crops=crops.n_local,
-        global_scale=tuple(crops.global_scale),
-        local_scale=tuple(crops.local_scale),
-        blur=crops.blur_probabilities,
-        solarize_prob=crops.solarize_probability,
-    )
-    dataset = build_unlabeled_dataset(config.data.path, config.data.kind, transform=transform)
+    dataset = build_unlabeled_dataset(config.data.path, config.data.kind, transform=build_multicrop(config))
     seed = derived_seed(config.train.seed, "data")
     collate = MultiCropCollator(config, patch_size, derived_seed(config.train.seed, "collate"))
     workers = config.train.num_workers

@@ -139,7 +139,9 @@ def build_optimizer(
     not sharded on CPU, the multi-tensor (foreach) implementation otherwise.
     """
     groups = [{**group, "lr": 0.0, "weight_decay": 0.0} for group in param_groups]
-    options: dict[str, Any] = {"fused": True} if _fused_adamw_supported(groups, device_type) else {"foreach": True}
+    options: dict[str, Any] = (
+        {"fused": True} if _fused_adamw_supported(groups, device_type) else {"foreach": True}
+    )
     return torch.optim.AdamW(
         groups, lr=0.0, betas=(float(betas[0]), float(betas[1])), weight_decay=0.0, **options
     )
