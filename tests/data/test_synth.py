@@ -130,6 +130,20 @@ def test_render_sample_is_deterministic_and_consistent() -> None:
         synth.render_sample(0, class_id=NUM_CLASSES)
 
 
+def test_mask_is_aligned_with_the_drawn_object() -> None:
+    # Objects are drawn >= 0.45 (RGB distance, in [0, 1]) away from the background's mean colour, so the mean
+    # colour under the object label must differ clearly from the mean colour under the background label; a mask
+    # that were shifted, flipped or transposed relative to the image would mix the two.
+    for seed in range(20):
+        image, mask, class_id = synth.render_sample(
+            seed, size=48, class_id=seed % NUM_CLASSES, num_distractors=0
+        )
+        pixels = np.asarray(image, dtype=np.float64) / 255.0
+        inside, outside = mask == class_id + 1, mask == 0
+        assert inside.sum() > 0.05 * mask.size and outside.sum() > 0.2 * mask.size
+        assert np.linalg.norm(pixels[inside].mean(axis=0) - pixels[outside].mean(axis=0)) >= 0.15
+
+
 def _boundary_distance_ok(mismatch: np.ndarray, signed_distance: np.ndarray) -> bool:
     """Pixels may disagree with the analytic shape only where their centre is within 0.02 px of its boundary."""
     return bool(np.all(np.abs(signed_distance[mismatch]) < 0.02))
@@ -249,6 +263,17 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     api = tmp_path / "api"
     synth.generate_synthetic_dataset(api, num_train=15, num_val=5, size=24, seed=2, progress=False)
     assert _files(out) == _files(api)
+    # --style picks a preset, recorded in classes.json; the images change, the layout does not.
+    hard = tmp_path / "hard"
+    assert cli.main([*argv[:3], str(hard), *argv[4:], "--seed", "2", "--style", "hard", "--quiet"]) == 0
+    meta = json.loads((hard / "classes.json").read_text())
+    assert meta["style_name"] == "hard" and meta["style"]["num_distractors"] == [1, 3]
+    assert synth.read_synth_info(hard).style == synth.HARD_STYLE
+    hard_files = _files(hard)
+    assert (
+        hard_files.keys() == _files(api).keys()
+        and hard_files["train/circle/train_000000.png"] != _files(api)["train/circle/train_000000.png"]
+    )
 
 
 @pytest.mark.usefixtures("data_only_cli")
@@ -258,3 +283,30 @@ def test_cli_reports_non_empty_folder_in_one_line(tmp_path: Path, capsys: pytest
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--overwrite" in error and str(tmp_path) in error
     assert cli.main(["data"]) == 1  # no action: prints help
+
+
+def test_vectorised_hsv_colours_match_colorsys() -> None:
+    import colorsys
+
+    colours = synth._random_colours(np.random.default_rng(5), 200)
+    reference_rng = np.random.default_rng(5)  # same draws in the same order: hue, saturation, value
+    hue = reference_rng.random(200)
+    saturation, value = reference_rng.uniform(0.25, 1.0, 200), reference_rng.uniform(0.25, 1.0, 200)
+    expected = np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, saturation, value)])
+    assert np.allclose(colours, expected, atol=1e-6)
+
+
+def test_style_presets_and_validation() -> None:
+    assert set(synth.STYLES) == {"default", "easy", "hard"}
+    most_distractors = [synth.STYLES[name].num_distractors[1] for name in ("easy", "default", "hard")]
+    assert most_distractors == sorted(most_distractors)
+    with pytest.raises(ConfigError, match="distractor_scale"):
+        synth.SynthStyle(distractor_scale=(0.5, 1.2))
+    with pytest.raises(ConfigError, match="texture_weights"):
+        synth.SynthStyle(texture_weights=(1.0, 0.0))
+    with pytest.raises(ConfigError, match="main_radius"):
+        synth.SynthStyle(main_radius=(0.4, 0.3))
+    # The number of distractors follows the style: with none, only the main class is labelled.
+    style = synth.SynthStyle(num_distractors=(0, 0))
+    _, mask, class_id = synth.render_sample(1, size=40, class_id=2, style=style)
+    assert set(np.unique(mask).tolist()) - {0, 255} == {class_id + 1}

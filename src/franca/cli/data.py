@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--size", type=int, default=64, help="image side in pixels (default %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument(
+        "--style",
+        choices=("default", "easy", "hard"),
+        default="default",
+        help="difficulty preset (franca.data.synth.STYLES; default %(default)s)",
+    )
+    synth.add_argument(
         "--workers",
         type=int,
         default=_default_workers(),
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "data_action", None) != "synth":
         args._data_parser.print_help()
         return 1
-    from franca.data.synth import generate_synthetic_dataset
+    from franca.data.synth import STYLES, generate_synthetic_dataset
 
     start = time.perf_counter()
     info = generate_synthetic_dataset(
@@ -71,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        style=STYLES[args.style],
     )
     elapsed = time.perf_counter() - start
     print(
         f"franca data synth: wrote {info.num_train} train + {info.num_val} val images "
-        f"({len(info.classes)} classes, {info.size} px, seed {info.seed}) to {info.root} in {elapsed:.1f} s"
+        f"({len(info.classes)} classes, {info.size} px, seed {info.seed}, style {args.style}) to {info.root} "
+        f"in {elapsed:.1f} s"
     )
     return 0

@@ -5,9 +5,10 @@ Each image shows one large *main* object and 1-2 smaller distractor objects, dra
 colours, sizes, positions, rotations and textures (solid, stripes, checker, dots, gradient) on varied backgrounds
 (smooth random fields, gradients, grain noise, low-contrast stripes). Distractors may lie behind or in front of the
 main object (they never hide more than 15% of it). The image's class is the class of the main object, which is
-always the largest one (a distractor's radius is at most 0.4 of the main object's). Everything is drawn at 3x
-resolution and box-downsampled, so edges are anti-aliased. :class:`SynthStyle` holds these difficulty knobs
-(:data:`DEFAULT_STYLE`; :data:`HARD_STYLE` has 1-3 larger distractors, more textures and busier backgrounds).
+always the largest one (a distractor's radius is at most 0.35 of the main object's). Everything is drawn at 3x
+resolution and box-downsampled, so edges are anti-aliased. :class:`SynthStyle` holds these difficulty knobs;
+:data:`STYLES` has three presets: "default", "easy" (one small distractor, solid or gradient fills, calm
+backgrounds) and "hard" (1-3 larger distractors, more textures, busier backgrounds).
 
 Layout written by :func:`generate_synthetic_dataset` (``<stem>`` is ``<split>_<index:06d>``)::
 
@@ -25,6 +26,12 @@ object on top wins where objects overlap), 255 = ignore. A mask pixel takes the 
 majority; only pixels where three or more regions meet and none has a majority are 255 (about 0.01% of the
 pixels), and segmentation metrics should ignore them.
 
+Difficulty, measured with the default style on 2,000 train / 500 val images at 64 px (chance is 10%): k-NN on raw
+pixels 21% (k=1) / 16% (k=20), logistic regression on raw pixels 11%, k-NN on the CLS token of a random-init ViT
+(depth 6, patch 8, width 192) 12%; a small CNN pretrained with SimCLR for 6 CPU-minutes (169 steps of 128 pairs,
+at 32 px) reaches 18% k-NN against 12% at its random initialisation. The "hard" preset gives 13% / 9% for raw
+pixels / random ViT, and barely moves with a few minutes of training.
+
 Generation is deterministic: image ``index`` of ``split`` is rendered from a generator seeded with
 ``(seed, split_code, index)`` (train 0, val 1), and its class is ``index % num_classes``, so both splits are
 balanced (class counts differ by at most one) and the bytes do not depend on ``workers``.
@@ -32,7 +39,6 @@ balanced (class counts differ by at most one) and the bytes do not depend on ``w
 
 from __future__ import annotations
 
-import colorsys
 import json
 import math
 import os
@@ -67,7 +73,6 @@ GENERATOR_NAME = "franca.data.synth"
 FORMAT_VERSION = 1
 MIN_SIZE = 16
 
-_SPLIT_CODES = {"train": 0, "val": 1}
 TEXTURES: tuple[str, ...] = ("solid", "stripes", "checker", "dots", "gradient")
 BACKGROUNDS: tuple[str, ...] = ("smooth", "gradient", "grain", "stripes")
 
@@ -76,22 +81,40 @@ BACKGROUNDS: tuple[str, ...] = ("smooth", "gradient", "grain", "stripes")
 class SynthStyle:
     """The knobs that set how hard the data set is (sizes are fractions of the image side; ranges are inclusive).
 
-    The defaults are tuned for a few minutes of CPU pretraining (see the module docstring); :data:`HARD_STYLE` has
-    more, larger distractors, more textures and busier backgrounds.
+    The defaults are tuned so that a few minutes of CPU self-supervised pretraining clearly beat a random
+    initialisation (see the module docstring); :data:`STYLES` names the presets. Invalid knobs raise ConfigError.
     """
 
-    main_radius: tuple[float, float] = (0.26, 0.42)  # radius of the circle around the main object
+    # radius of the circle around the main object
+    main_radius: tuple[float, float] = (0.28, 0.44)
     num_distractors: tuple[int, int] = (1, 2)
-    distractor_scale: tuple[float, float] = (
-        0.2,
-        0.4,
-    )  # distractor radius / main radius (< 0.5: main is largest)
-    max_hidden_fraction: float = 0.15  # distractors in front may hide at most this much of the main object
-    texture_weights: tuple[float, ...] = (0.55, 0.1, 0.1, 0.05, 0.2)  # over TEXTURES
+    # distractor radius / main radius (< 0.5, so that the main object is the largest)
+    distractor_scale: tuple[float, float] = (0.15, 0.35)
+    # distractors in front may hide at most this fraction of the main object
+    max_hidden_fraction: float = 0.15
+    texture_weights: tuple[float, ...] = (0.65, 0.05, 0.05, 0.05, 0.2)  # over TEXTURES
     background_weights: tuple[float, ...] = (0.35, 0.25, 0.2, 0.2)  # over BACKGROUNDS
-    background_contrast: float = 0.6  # 0 = flat backgrounds, 1 = strongly varying ones
-    min_object_contrast: float = 0.45  # RGB distance between an object's mean colour and the background mean
-    max_noise_std: float = 6.0  # per-image Gaussian pixel noise, std drawn in [0, this] (0-255 scale)
+    background_contrast: float = 0.4  # 0 = flat backgrounds, 1 = strongly varying ones
+    # least RGB distance (in [0, 1]) between an object's mean colour and the background's mean colour
+    min_object_contrast: float = 0.5
+    max_noise_std: float = 4.0  # per-image Gaussian pixel noise, std drawn in [0, this] (0-255 scale)
+
+    def __post_init__(self) -> None:
+        ranges = {"main_radius": self.main_radius, "distractor_scale": self.distractor_scale}
+        ranges["num_distractors"] = self.num_distractors
+        for name, (low, high) in ranges.items():
+            if not 0 <= low <= high:
+                raise ConfigError(f"SynthStyle.{name} must be a range 0 <= low <= high (got {(low, high)})")
+        if self.distractor_scale[1] >= 1.0:
+            raise ConfigError(
+                "SynthStyle.distractor_scale must stay below 1 so that the main object is the largest"
+            )
+        for name, weights, count in (
+            ("texture_weights", self.texture_weights, len(TEXTURES)),
+            ("background_weights", self.background_weights, len(BACKGROUNDS)),
+        ):
+            if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+                raise ConfigError(f"SynthStyle.{name} needs {count} non-negative weights with a positive sum")
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready copy of the knobs (for classes.json)."""
@@ -99,6 +122,15 @@ class SynthStyle:
 
 
 DEFAULT_STYLE = SynthStyle()
+EASY_STYLE = SynthStyle(
+    main_radius=(0.3, 0.45),
+    num_distractors=(1, 1),
+    distractor_scale=(0.15, 0.3),
+    texture_weights=(0.8, 0.0, 0.0, 0.0, 0.2),
+    background_contrast=0.3,
+    min_object_contrast=0.5,
+    max_noise_std=3.0,
+)
 HARD_STYLE = SynthStyle(
     main_radius=(0.24, 0.4),
     num_distractors=(1, 3),
@@ -108,7 +140,9 @@ HARD_STYLE = SynthStyle(
     min_object_contrast=0.35,
     max_noise_std=8.0,
 )
-_OWN_ENTRIES = ("train", "val", "masks", "classes.json", "README.txt")
+STYLES: dict[str, SynthStyle] = {"default": DEFAULT_STYLE, "easy": EASY_STYLE, "hard": HARD_STYLE}
+_SPLIT_CODES = {"train": 0, "val": 1}
+_OWN_ENTRIES = ("train", "val", "masks", "classes.json", "README.txt")  # what a rerun may replace
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,9 +310,18 @@ def rasterize_shape(spec: ShapeSpec, canvas_size: int, scale: float = 1.0) -> np
 TextureFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def _random_colours(rng: np.random.Generator, count: int) -> np.ndarray:
+    """(count, 3) float32 RGB colours: uniform hue, saturation and value in [0.25, 1] (vectorised HSV -> RGB)."""
+    hue = rng.random(count)
+    saturation, value = rng.uniform(0.25, 1.0, count), rng.uniform(0.25, 1.0, count)
+    # The standard formula: channel k takes v - v*s*clip(min(m, 4 - m), 0, 1) with m = (k + 6h) mod 6.
+    m = (np.array([5.0, 3.0, 1.0])[None, :] + 6.0 * hue[:, None]) % 6.0
+    ramp = np.clip(np.minimum(m, 4.0 - m), 0.0, 1.0)
+    return (value[:, None] * (1.0 - saturation[:, None] * ramp)).astype(np.float32)
+
+
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    hue, saturation, value = rng.random(), rng.uniform(0.25, 1.0), rng.uniform(0.25, 1.0)
-    return np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float32)
+    return _random_colours(rng, 1)[0]
 
 
 def _unit_vector(rng: np.random.Generator) -> tuple[float, float]:
@@ -421,11 +464,14 @@ def _plan_object(
 def _object_colours(
     rng: np.random.Generator, background_mean: np.ndarray, min_contrast: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two texture colours whose mean is >= min_contrast from the background mean in RGB (up to 20 tries)."""
-    for _ in range(20):
-        first, second = _random_colour(rng), _random_colour(rng)
-        if np.linalg.norm((first + second) / 2.0 - background_mean) >= min_contrast:
-            break
+    """Two texture colours whose mean is >= min_contrast from the background mean in RGB.
+
+    Draws 16 candidate pairs at once and keeps the first that qualifies (the last one if none does).
+    """
+    pairs = _random_colours(rng, 32).reshape(16, 2, 3)
+    distance = np.linalg.norm(pairs.mean(axis=1) - background_mean[None, :], axis=1)
+    qualifying = np.flatnonzero(distance >= min_contrast)
+    first, second = pairs[qualifying[0] if qualifying.size else -1]
     return first, second
 
 
@@ -689,8 +735,14 @@ def _render_and_save(task: _Task) -> int:
     return 1
 
 
+def _style_name(style: SynthStyle) -> str | None:
+    return next((name for name, preset in STYLES.items() if preset == style), None)
+
+
 def _readme_text(info: SynthInfo) -> str:
     low, high = info.style.num_distractors
+    style_name = _style_name(info.style)
+    style_argument = f" --style {style_name}" if style_name else " (custom style: see classes.json)"
     lines = [
         "Procedural synthetic shapes data set written by `franca data synth` (franca.data.synth).",
         "",
@@ -714,7 +766,7 @@ def _readme_text(info: SynthInfo) -> str:
         "",
         "Regenerate with:",
         f"  franca data synth --out DIR --num-images {info.num_train} --val-images {info.num_val} "
-        f"--size {info.size} --seed {info.seed}",
+        f"--size {info.size} --seed {info.seed}{style_argument}",
         "",
     ]
     return "\n".join(lines)
@@ -739,6 +791,7 @@ def _write_metadata(info: SynthInfo, complete: bool) -> None:
             "masks": "masks/<split>/<class>/<split>_<index:06d>.png",
         },
         "class_counts": info.class_counts,
+        "style_name": _style_name(info.style),
         "style": info.style.as_dict(),
     }
     (info.root / "classes.json").write_text(json.dumps(meta, indent=2) + "\n")
