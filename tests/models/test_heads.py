@@ -327,7 +327,9 @@ def test_dinov2_layout_loads_as_dino_head_and_matches_reference():
 @pytest.mark.parametrize("mode", ["slice", "tied"])
 def test_normalized_bottleneck_option_makes_logits_cosines(mode: str) -> None:
     torch.manual_seed(0)
-    head = MatryoshkaHead(32, n_prototypes=16, hidden_dim=24, bottleneck_dim=8, mode=mode, normalize_bottleneck=True)
+    head = MatryoshkaHead(
+        32, n_prototypes=16, hidden_dim=24, bottleneck_dim=8, mode=mode, normalize_bottleneck=True
+    )
     x = torch.randn(5, 32)
     # a unit bottleneck and unit prototypes (g = 1): every logit is a cosine, in [-1, 1]
     for logits in head(x):

@@ -151,7 +151,8 @@ def test_apply_schedules_sets_lr_and_weight_decay() -> None:
     groups = build_param_groups({"backbone": TinyBackbone(), "head": TinyHead()}, patch_embed_lr_mult=0.2)
     optimizer = build_optimizer(groups, betas=(0.9, 0.99), device_type="cpu")
     assert isinstance(optimizer, torch.optim.AdamW)
-    assert optimizer.defaults["fused"] is True and optimizer.defaults["betas"] == (0.9, 0.99)  # CPU kernel, torch >= 2.4
+    # the fused CPU kernel (torch >= 2.4)
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["betas"] == (0.9, 0.99)
     apply_schedules(optimizer, lr=1e-3, wd=0.05, last_layer_lr=0.0)
     for group in optimizer.param_groups:
         if group["is_last_layer"]:
