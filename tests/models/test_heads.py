@@ -339,3 +339,16 @@ def test_normalized_bottleneck_option_makes_logits_cosines(mode: str) -> None:
         v = head.last_layers[-1].parametrizations.weight.original1
         expected = F.normalize(h, dim=-1) @ F.normalize(v, dim=-1).T
         torch.testing.assert_close(head(x)[-1], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_fan_in_init_scales_each_layer_by_its_width() -> None:
+    torch.manual_seed(0)
+    head = MatryoshkaHead(
+        256, levels=[128, 256], n_prototypes=512, hidden_dim=512, bottleneck_dim=64, init="fan_in"
+    )
+    for linear, fan_in in ((head.mlps[1][0], 256), (head.mlps[1][2], 512), (head.mlps[1][4], 512)):
+        assert abs(float(linear.weight.std()) - fan_in**-0.5) < 0.05 * fan_in**-0.5
+    official = MatryoshkaHead(256, levels=[128, 256], n_prototypes=512, hidden_dim=512, bottleneck_dim=64)
+    assert abs(float(official.mlps[1][2].weight.std()) - 0.02) < 0.001
+    with pytest.raises(ConfigError, match="head init"):
+        MatryoshkaHead(256, n_prototypes=512, init="xavier")

@@ -130,15 +130,27 @@ def _prototype_layer(bottleneck_dim: int, n_prototypes: int) -> nn.Linear:
     return weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False), name="weight", dim=0)
 
 
-def _init_linear_weights(module: nn.Module) -> None:
-    """Trunc-normal(std 0.02) for every Linear weight (v for weight-normalised ones), zero biases, g left alone."""
+HEAD_INITS = ("official", "fan_in")
+
+
+def _init_linear_weights(module: nn.Module, scheme: str = "official") -> None:
+    """Trunc-normal init of every Linear weight (v for weight-normalised ones), zero biases, g left alone.
+
+    ``official``: std 0.02 everywhere (the official code). ``fan_in``: std 1/sqrt(fan_in), which is what 0.02 amounts
+    to for the official 2048-wide hidden layers, but keeps the logits of narrow (CPU-sized) heads from starting
+    ~1e-5 wide, where the Sinkhorn-Knopp targets are exactly uniform and training stays at ln K.
+    """
+    if scheme not in HEAD_INITS:
+        raise ConfigError(f"head init {scheme!r} is unknown; use one of {', '.join(HEAD_INITS)}")
     for sub in module.modules():
         if not isinstance(sub, nn.Linear):
             continue
         if hasattr(sub, "parametrizations") and "weight" in sub.parametrizations:
-            trunc_normal_(sub.parametrizations.weight.original1, std=0.02)
+            weight = sub.parametrizations.weight.original1
         else:
-            trunc_normal_(sub.weight, std=0.02)
+            weight = sub.weight
+        std = 0.02 if scheme == "official" else weight.shape[1] ** -0.5
+        trunc_normal_(weight, std=std)
         if sub.bias is not None:
             nn.init.zeros_(sub.bias)
 
@@ -202,6 +214,7 @@ class MatryoshkaHead(nn.Module):
         nlayers: int = 3,
         mode: str = "slice",
         normalize_bottleneck: bool = False,
+        init: str = "official",
     ) -> None:
         super().__init__()
         if mode not in MATRYOSHKA_MODES:
@@ -240,7 +253,7 @@ class MatryoshkaHead(nn.Module):
                 _prototype_layer(bottleneck_dim, k) for k in self.prototype_counts
             )
             prototype_layers = list(self.last_layers)
-        _init_linear_weights(self)
+        _init_linear_weights(self, init)
         for layer in prototype_layers:
             _fill_g_with_one(layer)
 
@@ -308,6 +321,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 384,
         nlayers: int = 3,
         freeze_weight_g: bool = True,
+        init: str = "official",
     ) -> None:
         super().__init__()
         if in_dim <= 0 or n_prototypes <= 0:
@@ -320,7 +334,7 @@ class DINOHead(nn.Module):
         self.nlayers = int(nlayers)
         self.mlp = _build_mlp(nlayers, in_dim, hidden_dim, bottleneck_dim, trailing_gelu=False)
         self.last_layer = _prototype_layer(bottleneck_dim, n_prototypes)
-        _init_linear_weights(self)
+        _init_linear_weights(self, init)
         _fill_g_with_one(self.last_layer)
         if freeze_weight_g:
             self.last_layer.parametrizations.weight.original0.requires_grad_(False)

@@ -109,6 +109,8 @@ class HeadsConfig:
     separate_ibot_head: bool = True
     # Not the official head: L2-normalise each level's bottleneck as DINOv2 does (see MatryoshkaHead).
     normalize_bottleneck: bool = False
+    # official: trunc-normal 0.02 (the official code); fan_in: std 1/sqrt(fan_in), for narrow CPU-sized heads.
+    init: str = "official"
 
     def resolved_levels(self) -> list[float]:
         """The nesting fractions in use (``[1.0]`` for the single-head ``dinov2`` mode)."""

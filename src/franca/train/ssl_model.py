@@ -47,7 +47,14 @@ def build_head(config: TrainConfig, embed_dim: int) -> nn.Module:
     """One projection/clustering head as ``config.heads`` describes (Matryoshka modes or the DINOv2 baseline)."""
     heads = config.heads
     if heads.mode == "dinov2":
-        return DINOHead(embed_dim, heads.n_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.nlayers)
+        return DINOHead(
+            embed_dim,
+            heads.n_prototypes,
+            heads.hidden_dim,
+            heads.bottleneck_dim,
+            heads.nlayers,
+            init=heads.init,
+        )
     levels = [int(round(fraction * embed_dim)) for fraction in heads.resolved_levels()]
     return MatryoshkaHead(
         embed_dim,
@@ -58,6 +65,7 @@ def build_head(config: TrainConfig, embed_dim: int) -> nn.Module:
         nlayers=heads.nlayers,
         mode=heads.mode,
         normalize_bottleneck=heads.normalize_bottleneck,
+        init=heads.init,
     )
 
 
