@@ -165,3 +165,31 @@ def extract_features(
         print(f"{description}: skipped {num_skipped} unreadable image(s), used {num_seen}")
     features = {kind: torch.cat(values) for kind, values in chunks.items()}
     return ExtractedFeatures(features, torch.cat(label_chunks), num_skipped)
+
+
+def extract_train_val_features(
+    model: nn.Module,
+    train_dataset: object,
+    val_dataset: object,
+    which: Sequence[str] = ("cls",),
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[ExtractedFeatures, ExtractedFeatures, torch.device]:
+    """The ``which`` features of a train and a val data set (one pass each), and the device they were computed on."""
+    from franca.eval.common import make_loader
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    train, val = (
+        extract_features(
+            model,
+            make_loader(dataset, batch_size, num_workers),
+            device,
+            tuple(which),
+            progress=progress,
+            description=f"{name} features",
+        )
+        for name, dataset in (("train", train_dataset), ("val", val_dataset))
+    )
+    return train, val, device

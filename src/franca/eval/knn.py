@@ -26,7 +26,6 @@ from franca.eval.common import (
     add_common_arguments,
     format_table,
     load_model,
-    make_loader,
     seed_everything,
     write_results,
 )
@@ -317,24 +316,10 @@ def evaluate_knn(
     The data sets yield ``(image tensor, label)`` (or None for unreadable files); returns the k-NN results plus the
     counts of skipped images.
     """
-    from franca.eval.features import extract_features
+    from franca.eval.features import extract_train_val_features
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    train = extract_features(
-        model,
-        make_loader(train_dataset, batch_size, num_workers),
-        device,
-        (feature,),
-        progress=progress,
-        description="train features",
-    )
-    val = extract_features(
-        model,
-        make_loader(val_dataset, batch_size, num_workers),
-        device,
-        (feature,),
-        progress=progress,
-        description="val features",
+    train, val, device = extract_train_val_features(
+        model, train_dataset, val_dataset, (feature,), batch_size, num_workers, device, progress
     )
     num_classes = len(getattr(train_dataset, "classes", [])) or None
     results = knn_classify(
