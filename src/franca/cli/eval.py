@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from types import ModuleType
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
     "knn": ("franca.eval.knn", "weighted k-NN on CLS features (DINOv2 protocol)"),
@@ -32,24 +31,12 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def _import_protocol(module_name: str) -> ModuleType | None:
-    """Import a protocol module; None only when that module itself does not exist (other errors propagate)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name == module_name:
-            return None
-        raise
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one sub-command per protocol, each with that protocol's own options."""
     parser.set_defaults(_eval_parser=parser)
     subparsers = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
     for name, (module_name, help_text) in PROTOCOLS.items():
-        module = _import_protocol(module_name)
-        if module is None:
-            continue
+        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_eval_module=module_name)
         module.add_arguments(sub)

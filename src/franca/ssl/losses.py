@@ -51,7 +51,23 @@ def _weighted_total(per_level: list[Tensor], weights: list[float]) -> Tensor:
     return total
 
 
-class DinoLoss(nn.Module):
+class _LevelLoss(nn.Module):
+    """Shared settings of the per-level losses: the student temperature and optional per-level weights."""
+
+    def __init__(
+        self, student_temperature: float = 0.1, level_weights: Sequence[float] | None = None
+    ) -> None:
+        super().__init__()
+        if student_temperature <= 0:
+            raise ValueError(f"student temperature must be positive, got {student_temperature}")
+        self.student_temperature = student_temperature
+        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+
+    def extra_repr(self) -> str:
+        return f"student_temperature={self.student_temperature}, level_weights={self.level_weights}"
+
+
+class DinoLoss(_LevelLoss):
     """DINO cross-entropy between student CLS logits and teacher target probabilities, per Matryoshka level.
 
     Inputs, each a list with one tensor per level j (a single tensor is taken as one level):
@@ -72,18 +88,6 @@ class DinoLoss(nn.Module):
     ``loss_scales = 2`` and every term is divided by 2*1 global + n_local*2 local terms (18 with 8 local crops).
     Returns a :class:`LevelLosses` with the weighted total and the per-level values.
     """
-
-    def __init__(
-        self, student_temperature: float = 0.1, level_weights: Sequence[float] | None = None
-    ) -> None:
-        super().__init__()
-        if student_temperature <= 0:
-            raise ValueError(f"student temperature must be positive, got {student_temperature}")
-        self.student_temperature = student_temperature
-        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
-
-    def extra_repr(self) -> str:
-        return f"student_temperature={self.student_temperature}, level_weights={self.level_weights}"
 
     def level_loss(
         self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor
@@ -140,7 +144,7 @@ class DinoLoss(nn.Module):
         return LevelLosses(total=_weighted_total(per_level, weights), per_level=per_level)
 
 
-class IBotPatchLoss(nn.Module):
+class IBotPatchLoss(_LevelLoss):
     """iBOT masked-patch cross-entropy, per Matryoshka level.
 
     Inputs (per-level lists, a single tensor is taken as one level):
@@ -157,18 +161,6 @@ class IBotPatchLoss(nn.Module):
     (the official ``loss_scales = 2`` times ``1 / n_global_crops_per_image = 1/2`` gives a factor 1). With M = 0
     the loss is 0. Returns a :class:`LevelLosses`.
     """
-
-    def __init__(
-        self, student_temperature: float = 0.1, level_weights: Sequence[float] | None = None
-    ) -> None:
-        super().__init__()
-        if student_temperature <= 0:
-            raise ValueError(f"student temperature must be positive, got {student_temperature}")
-        self.student_temperature = student_temperature
-        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
-
-    def extra_repr(self) -> str:
-        return f"student_temperature={self.student_temperature}, level_weights={self.level_weights}"
 
     def level_loss(
         self, student_logits: Tensor, teacher_probs: Tensor, masked_weights: Tensor, n_global_crops: int

@@ -331,7 +331,7 @@ class Trainer:
             self._truncate_metrics(self.iteration)
             if resumed is not None:
                 print(f"resumed from {resumed} at iteration {self.iteration}")
-        loader, dataset_size = build_train_loader(
+        loader, _ = build_train_loader(
             config,
             self.student.backbone.patch_size,
             self.batch_size,
@@ -414,7 +414,6 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
-        del dataset_size
         return TrainResult(
             output_dir=self.output_dir,
             iteration=self.iteration,
