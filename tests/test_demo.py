@@ -11,6 +11,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from franca.cli import build_parser, main
-from franca.demo import DemoSettings, EvalSettings, run_demo
+from franca.demo import DemoSettings, EvalSettings, dino_plateau, run_demo
 from franca.errors import ConfigError
 from franca.report import format_value
+from franca.train.config import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import browser  # noqa: E402  (the helper sits beside this file; tests/ is not a package)
@@ -340,6 +342,33 @@ def test_metrics_json_and_runs(demo: dict) -> None:
     assert "metric" in stdout and "random init" in stdout and "k-NN top-1" in stdout
     assert f"report: {out / 'report.html'}" in stdout and "total time:" in stdout
     assert "phase 1/5" in stdout and "phase 5/5" in stdout
+    # 128 prototypes at the widest of five levels: K = 8, 16, 32, 64, 128, so sum_j ln K_j = 25 ln 2. Two steps from
+    # the official head init leave the DINO loss there, and the demo says so.
+    training = saved["training"]
+    assert training["uniform_dino_loss"] == pytest.approx(25 * math.log(2))
+    assert training["dino_nats_below_uniform"] == pytest.approx(
+        training["uniform_dino_loss"] - training["final_dino_loss"]
+    )
+    assert training["dino_on_plateau"] is True
+    assert "has not started to learn image-level clusters" in stdout
+
+
+def test_dino_plateau_reads_the_last_logged_losses(tmp_path: Path) -> None:
+    config = load_config("tiny_cpu")  # 4096 prototypes at the widest level: K = 2^8 ... 2^12
+    uniform = 50 * math.log(2)
+    losses = [30.0, 20.0, 10.0, 12.0, 11.0, 9.0, 10.0]
+    lines = [json.dumps({"iteration": i + 1, "dino_loss": v}) for i, v in enumerate(losses)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = dino_plateau(tmp_path, config)
+    assert result["uniform_dino_loss"] == pytest.approx(uniform)
+    assert result["final_dino_loss"] == pytest.approx(10.0)  # median of the last five
+    assert result["dino_nats_below_uniform"] == pytest.approx(uniform - 10.0)
+    assert result["dino_on_plateau"] is False
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "dino_loss": uniform - 0.1}) + "\n")
+    assert dino_plateau(tmp_path, config)["dino_on_plateau"] is True
+    baseline = load_config("tiny_cpu", ["heads.mode=dinov2", "heads.n_prototypes=1000"])
+    assert dino_plateau(tmp_path, baseline)["uniform_dino_loss"] == pytest.approx(math.log(1000))
+    assert dino_plateau(tmp_path / "missing", config)["final_dino_loss"] is None
 
 
 def test_rerun_resumes_instead_of_retraining(demo: dict) -> None:

@@ -396,6 +396,7 @@ class TrainOutcome:
             "resumed_from_iteration": self.resumed_from,
             "train_seconds_this_invocation": self.seconds,
             "images_per_s": self.images_per_s,
+            **dino_plateau(self.run_dir, self.config),
         }
 
 
@@ -566,6 +567,44 @@ def train_with_budget(
         _last_rate(run_dir),
         config,
     )
+
+
+# A final DINO loss within this fraction of its uniform value sum_j ln K_j counts as "still on the plateau".
+PLATEAU_FRACTION = 0.02
+
+
+def uniform_dino_losses(config: Any) -> list[float]:
+    """``ln K_j`` per level: the DINO loss of a student that predicts the uniform distribution (any targets)."""
+    from franca.models.heads import matryoshka_prototype_counts
+    from franca.models.vision_transformer import ARCHITECTURES
+
+    heads = config.heads
+    if heads.mode == "dinov2":
+        return [math.log(heads.n_prototypes)]
+    embed_dim = config.model.embed_dim or ARCHITECTURES[config.model.arch]["embed_dim"]
+    widths = [int(round(fraction * embed_dim)) for fraction in heads.resolved_levels()]  # as build_head does
+    return [math.log(k) for k in matryoshka_prototype_counts(widths, heads.n_prototypes)]
+
+
+def dino_plateau(run_dir: Path, config: Any, last: int = 5) -> dict[str, Any]:
+    """How far the DINO loss got below its uniform value ``sum_j ln K_j`` (median of the last ``last`` logs).
+
+    A student whose predictions are uniform scores exactly ``sum_j ln K_j`` whatever the targets, so a final loss
+    at that value means the run has not started to learn image-level clusters (docs/demo-learning.md).
+    """
+    from franca.report import load_metrics_records
+
+    uniform = sum(uniform_dino_losses(config))
+    path = run_dir / "metrics.jsonl"
+    values = [r.get("dino_loss") for r in load_metrics_records(path)] if path.is_file() else []
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)][-last:]
+    final = float(np.median(values)) if values else None
+    return {
+        "uniform_dino_loss": uniform,
+        "final_dino_loss": final,
+        "dino_nats_below_uniform": None if final is None else uniform - final,
+        "dino_on_plateau": None if final is None else uniform - final < PLATEAU_FRACTION * uniform,
+    }
 
 
 def _last_rate(run_dir: Path) -> float | None:
@@ -1092,7 +1131,12 @@ def _figures(
         int(round(f * trained["sliced_knn"]["feature_dim"])) for f in outcome.config.heads.resolved_levels()
     ]
     figures = {
-        "loss": plot_loss_curves(outcome.run_dir / "metrics.jsonl", figures_dir / "loss_curves.png", levels),
+        "loss": plot_loss_curves(
+            outcome.run_dir / "metrics.jsonl",
+            figures_dir / "loss_curves.png",
+            levels,
+            uniform_losses=uniform_dino_losses(outcome.config),
+        ),
         "sliced": plot_sliced_knn(
             {
                 "trained": {
@@ -1179,8 +1223,9 @@ def write_report(
                 f"levels {training['levels']}), {training['iterations']} iterations of batch "
                 f"{outcome.config.train.batch_size_per_device} on {metrics['settings']['device']}: {status}. "
                 f"Median throughput {format_value_or_dash(training['images_per_s'])} images/s. "
-                "The curves show the total loss, the DINO and iBOT losses of each Matryoshka level, and the "
-                "learning rate."
+                "The curves show the total loss, the DINO and iBOT losses of each Matryoshka level (dashed: "
+                "the uniform value ln K_j that a student predicting nothing scores), and the learning rate."
+                + (f"\n\nNote: {plateau_note(training)}." if plateau_note(training) else "")
             ),
             images=[ReportImage(figures["loss"], "Training losses per Matryoshka level")],
         ),
@@ -1318,6 +1363,17 @@ def write_report(
         summary_rows=rows,
         sections=sections,
         facts=facts,
+    )
+
+
+def plateau_note(training: dict[str, Any]) -> str | None:
+    """One line when the run's DINO loss ended at its uniform value (the run has not learned clusters), else None."""
+    if not training.get("dino_on_plateau"):
+        return None
+    return (
+        f"the DINO loss ended at {training['final_dino_loss']:.3f}, within "
+        f"{100 * PLATEAU_FRACTION:.0f}% of its uniform value sum_j ln K_j = {training['uniform_dino_loss']:.3f}: "
+        "the run has not started to learn image-level clusters (see docs/demo-learning.md)"
     )
 
 
@@ -1499,6 +1555,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     outcome = obtain_run(settings, config, run_dir, log)
     config = outcome.config  # with --eval-only: the run's own settings (for its random init)
+    plateau_text = plateau_note(outcome.summary())
+    if plateau_text:
+        log(f"train: {plateau_text}")
 
     # 3. data in memory, models
     log.phase("load", "phase 3/5: loading the train and val images and masks into memory")
@@ -1674,6 +1733,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         print(format_table(ablation_table, None, precision=1))
     if not outcome.completed:
         print(f"note: {unfinished_text(outcome.summary())}; re-run without --eval-only to continue training")
+    plateau_text = plateau_note(outcome.summary())
+    if plateau_text:
+        print(f"note: {plateau_text}")
     print(f"\nreport: {report}\nmetrics: {out / 'metrics.json'}\ntotal time: {format_duration(total)}")
     return metrics
 

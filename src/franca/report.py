@@ -236,6 +236,7 @@ def plot_loss_curves(
     records: str | os.PathLike | Iterable[Mapping[str, Any]],
     out_png: str | os.PathLike,
     level_dims: Sequence[int] | None = None,
+    uniform_losses: Sequence[float] | None = None,
 ) -> Path:
     """Plot the training curves of a run into ``out_png`` and return its path.
 
@@ -244,7 +245,9 @@ def plot_loss_curves(
     ``metrics.jsonl`` path or a list of its dicts (keys ``iteration``, ``loss``, ``dino_loss``, ``ibot_loss``,
     ``koleo_loss``, ``dino_loss_level{j}``, ``ibot_loss_level{j}``, ``lr``, ``teacher_temp``...). Missing keys and
     NaN/inf values (skipped steps) are left out point by point. ``level_dims`` (e.g. ``[12, 24, 48, 96, 192]``)
-    labels level j with its feature width. Raises DataError when there are no records at all.
+    labels level j with its feature width. ``uniform_losses`` (``ln K_j`` per level) draws each level's uniform value
+    as a dashed line in the DINO panel: the loss of a student that predicts the uniform distribution, so a
+    curve on its line has not started to learn. Raises DataError when there are no records at all.
     """
     records = load_metrics_records(records)
     if not records:
@@ -291,8 +294,13 @@ def plot_loss_curves(
                 label += f" ({level_dims[level]} dims)"
             shade = colours(0.1 + 0.8 * position / max(len(keys) - 1, 1))
             axes.plot(xs, ys, label=label, color=shade, linewidth=1.3)
+            if name == "DINO" and uniform_losses is not None and level < len(uniform_losses):
+                axes.axhline(uniform_losses[level], color=shade, linewidth=0.9, linestyle="--")
             drawn += 1
-        axes.set_title(f"{name} loss per Matryoshka level")
+        axes.set_title(
+            f"{name} loss per Matryoshka level"
+            + (" (dashed: uniform, ln K)" if name == "DINO" and uniform_losses else "")
+        )
         if drawn:
             axes.legend(fontsize=8, frameon=False)
         else:

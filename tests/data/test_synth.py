@@ -310,3 +310,30 @@ def test_style_presets_and_validation() -> None:
     style = synth.SynthStyle(num_distractors=(0, 0))
     _, mask, class_id = synth.render_sample(1, size=40, class_id=2, style=style)
     assert set(np.unique(mask).tolist()) - {0, 255} == {class_id + 1}
+
+
+def _square_fill_of_bounding_box(mask: np.ndarray) -> float:
+    """Object pixels / pixels of their bounding box: 1 for an axis-aligned square, 0.5..1 for a rotated one."""
+    rows, cols = np.nonzero((mask != 0) & (mask != 255))
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    return len(rows) / box
+
+
+def test_max_rotation_zero_draws_upright_shapes() -> None:
+    upright = synth.SynthStyle(num_distractors=(0, 0), max_rotation_deg=0.0)
+    rotated = synth.SynthStyle(num_distractors=(0, 0))
+    square = synth.CLASS_NAMES.index("square")
+    upright_fill = [
+        _square_fill_of_bounding_box(synth.render_sample(seed, size=48, class_id=square, style=upright)[1])
+        for seed in range(8)
+    ]
+    rotated_fill = [
+        _square_fill_of_bounding_box(synth.render_sample(seed, size=48, class_id=square, style=rotated)[1])
+        for seed in range(8)
+    ]
+    # An upright square fills its bounding box up to the anti-aliased border rows; a square turned by angle a
+    # fills 1 / (|cos a| + |sin a|)^2 of it, which is below 0.8 for angles between ~7 and ~83 degrees.
+    assert min(upright_fill) > 0.93
+    assert min(rotated_fill) < 0.8
+    with pytest.raises(ConfigError, match="max_rotation_deg"):
+        synth.SynthStyle(max_rotation_deg=-1.0)
