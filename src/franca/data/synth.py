@@ -3,11 +3,11 @@
 Each image shows one large *main* object and 1-2 smaller distractor objects, drawn from ten shape classes
 (:data:`CLASS_NAMES`: circle, square, triangle, star, plus, ring, hexagon, ellipse, heart, crescent), with random
 colours, sizes, positions, rotations (up to ``max_rotation_deg``) and textures (solid, stripes, checker, dots,
-gradient) on varied backgrounds (smooth random fields, gradients, grain noise, low-contrast stripes). Distractors
-may lie behind or in front of the main object (they never hide more than 15% of it). The image's class is the class of the main object, which is
-always the largest one (a distractor's radius is at most 0.35 of the main object's). Everything is drawn at 3x
-resolution and box-downsampled, so edges are anti-aliased. :class:`SynthStyle` holds these difficulty knobs;
-:data:`STYLES` has three presets: "default", "easy" (one small distractor, solid or gradient fills, calm
+gradient) on varied backgrounds (smooth random fields, gradients, grain noise, low-contrast stripes). Distractors may
+lie behind or in front of the main object (they never hide more than 15% of it). The image's class is the class of the
+main object, which is always the largest one (a distractor's radius is at most 0.35 of the main object's). Everything
+is drawn at 3x resolution and box-downsampled, so edges are anti-aliased. :class:`SynthStyle` holds these difficulty
+knobs; :data:`STYLES` has three presets: "default", "easy" (one small distractor, solid or gradient fills, calm
 backgrounds) and "hard" (1-3 larger distractors, more textures, busier backgrounds).
 
 Layout written by :func:`generate_synthetic_dataset` (``<stem>`` is ``<split>_<index:06d>``)::
