@@ -6,6 +6,10 @@ Part 1 (per core, torch limited to one thread): franca.data.augmentations.MultiC
 memory, for the tiny_cpu setting (64-px source -> 64/32 px crops x4) and the paper setting (256-px source -> 224/98 px
 crops x8); images/s is the median over ``--repeats`` passes over a fixed set of generated images.
 
+Each setting is also timed split as ``crops.augment_on_device=true`` splits it: the crop+flip part left to the data
+workers (one thread), and the batched photometric part (franca.data.device_augment) on ``--device`` (cuda when
+available; on a CPU it runs with one thread here, so it only shows the cost).
+
 Part 2: the real pre-training input pipeline (franca.train.data.build_train_loader: JPEG decode, seeded multi-crop,
 collate with CyclicMask masks) over a temporary folder of generated JPEGs, for the same two settings, with each
 worker count. The first batch (which includes starting the workers) is not timed; images/s is over the next
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine_info, median, print_table, write_json
+from common import machine_info, median, print_table, synchronize, write_json
 from PIL import Image
 
 from franca.train.config import load_config
@@ -49,9 +53,15 @@ def generated_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def augment_throughput(preset: str, size: int, n_images: int, repeats: int) -> dict[str, Any]:
-    """Images/s of MultiCropAugmentation on one thread (median over ``repeats`` passes over ``n_images`` images)."""
-    config = load_config(preset, ["data.path=unused"])
+def augment_throughput(
+    preset: str, size: int, n_images: int, repeats: int, on_device: bool = False
+) -> dict[str, Any]:
+    """Images/s of MultiCropAugmentation on one thread (median over ``repeats`` passes over ``n_images`` images).
+
+    ``on_device=True`` times only the part left to the data workers when ``crops.augment_on_device`` is set (crop and
+    flip, uint8).
+    """
+    config = load_config(preset, ["data.path=unused", f"crops.augment_on_device={on_device}"])
     transform = build_multicrop(config)
     images = generated_images(n_images, size)
     transform(images[0])  # warm-up
@@ -62,6 +72,30 @@ def augment_throughput(preset: str, size: int, n_images: int, repeats: int) -> d
             transform(image)
         rates.append(n_images / (time.perf_counter() - start))
     return {"images_per_s": median(rates), "images_per_s_all": rates, "images": n_images}
+
+
+def device_photometric_throughput(
+    preset: str, size: int, batch_size: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """Images/s of the batched colour/blur/solarise/normalise step (franca.data.device_augment) on ``device``."""
+    from franca.data.device_augment import DeviceMultiCropAugmentation
+    from franca.train.data import MultiCropCollator
+
+    config = load_config(preset, ["data.path=unused", "crops.augment_on_device=true"])
+    transform = build_multicrop(config)
+    samples = [(transform(image), index) for index, image in enumerate(generated_images(batch_size, size))]
+    batch = MultiCropCollator(config, config.model.patch_size, seed=0)(samples).to(device)
+    augment = DeviceMultiCropAugmentation(config.crops.blur_probabilities, config.crops.solarize_probability)
+    generator = torch.Generator(device).manual_seed(0)
+    augment(batch, generator)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        augment(batch, generator)
+        synchronize(device)
+        rates.append(batch_size / (time.perf_counter() - start))
+    return {"images_per_s": median(rates), "images_per_s_all": rates, "images": batch_size}
 
 
 def loader_throughput(
@@ -94,6 +128,11 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=6, help="timed batches per DataLoader run")
     parser.add_argument("--jpegs", type=int, default=192, help="generated JPEGs per setting")
     parser.add_argument("--json", default="benchmarks/out/augment.json")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the batched photometric step (crops.augment_on_device)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # per-core numbers; DataLoader workers run one thread each anyway
@@ -103,6 +142,13 @@ def main() -> None:
         result = augment_throughput(preset, size, n_images, args.repeats)
         rows.append({"what": "augment (1 thread)", "setting": setting, "workers": None, **result})
         print(f"augment {setting}: {result['images_per_s']:.1f} images/s on one thread")
+        result = augment_throughput(preset, size, n_images, args.repeats, on_device=True)
+        rows.append({"what": "crop+flip only (1 thread)", "setting": setting, "workers": None, **result})
+        print(f"crop+flip only {setting}: {result['images_per_s']:.1f} images/s on one thread")
+        device = torch.device(args.device)
+        result = device_photometric_throughput(preset, size, SETTINGS[setting][3], args.repeats, device)
+        rows.append({"what": f"photometric on {device.type}", "setting": setting, "workers": None, **result})
+        print(f"photometric on {device.type} {setting}: {result['images_per_s']:.1f} images/s")
 
     with tempfile.TemporaryDirectory(prefix="franca-bench-") as tmp:
         for setting in args.settings:

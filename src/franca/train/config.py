@@ -134,6 +134,9 @@ class CropsConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     blur_probabilities: str = "effective"
     solarize_probability: float = 0.2  # on the second global crop only
+    # data workers only crop and flip (uint8); colour, blur, solarisation and normalisation run batched on the
+    # training device (franca.data.device_augment): for GPUs, whose CPU pipeline is otherwise the bottleneck
+    augment_on_device: bool = False
 
 
 @dataclass

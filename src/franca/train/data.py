@@ -140,6 +140,7 @@ def build_multicrop(config: TrainConfig) -> Any:
         local_scale=tuple(crops.local_scale),
         blur=crops.blur_probabilities,
         solarize_prob=crops.solarize_probability,
+        geometry_only=crops.augment_on_device,
     )
 
 

@@ -31,7 +31,7 @@ from franca.train.checkpointing import (
     save_checkpoint,
 )
 from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes, save_config
-from franca.train.data import build_train_loader
+from franca.train.data import build_train_loader, derived_seed
 from franca.train.ema import ema_update_, pair_parameters
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
 from franca.train.parallel import (
@@ -158,6 +158,13 @@ class Trainer:
             [local_tensor(p) for p in teacher_params],
             [local_tensor(p) for p in student_params],
         )
+        self.device_augment = None
+        if config.crops.augment_on_device:
+            from franca.data.device_augment import DeviceMultiCropAugmentation
+
+            self.device_augment = DeviceMultiCropAugmentation(
+                config.crops.blur_probabilities, config.crops.solarize_probability
+            )
         self.iteration = 0
         self.consecutive_nonfinite = 0
         # seed the per-rank model randomness (stochastic depth) differently on each rank
@@ -224,6 +231,13 @@ class Trainer:
         """
         schedule = self.schedules[self.iteration]
         batch = batch.to(self.device)
+        if self.device_augment is not None and batch.global_crops.dtype == torch.uint8:
+            # one generator per (rank, iteration): the same crops after a resume, different ones on each rank
+            generator = torch.Generator(self.device)
+            generator.manual_seed(
+                derived_seed(self.config.train.seed, "device-augment", self.rank, self.iteration)
+            )
+            batch = self.device_augment(batch, generator)
         with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(batch, teacher=True)
         if hasattr(

@@ -1,0 +1,107 @@
+"""The batched on-device photometric augmentation against torchvision's per-image functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from franca.data import device_augment as DA
+from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from franca.errors import ConfigError
+from franca.train.ssl_model import TrainBatch
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.rand(6, 3, 5, 5, generator=generator)
+    base = torch.nn.functional.interpolate(smooth, size=(20, 24), mode="bilinear", align_corners=False)
+    noise = torch.rand(6, 3, 20, 24, generator=generator)
+    out = (0.7 * base + 0.3 * noise).clamp(0, 1)
+    out[0, :, :4] = 0.5  # a gray band (equal channels: hue undefined) and saturated pixels
+    out[1, 0] = 1.0
+    return out
+
+
+def _per_image(function, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return torch.stack([function(image, float(factor)) for image, factor in zip(images, factors)])
+
+
+@pytest.mark.parametrize(
+    ("ours", "reference", "low", "high"),
+    [
+        (DA.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+        (DA.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+        (DA.adjust_saturation, TF.adjust_saturation, 0.8, 1.2),
+        (DA.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+    ],
+)
+def test_jitter_ops_match_torchvision_per_image(ours, reference, low, high, images: torch.Tensor) -> None:
+    factors = torch.linspace(low, high, images.shape[0])
+    expected = _per_image(reference, images, factors)
+    assert torch.allclose(ours(images.clone(), factors), expected, atol=2e-5)
+
+
+def test_grayscale_blur_and_solarize_match_torchvision(images: torch.Tensor) -> None:
+    assert torch.allclose(DA.rgb_to_grayscale(images, 3), TF.rgb_to_grayscale(images, 3), atol=1e-6)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.7])
+    expected = torch.stack(
+        [TF.gaussian_blur(image, [9, 9], [float(s), float(s)]) for image, s in zip(images, sigmas)]
+    )
+    assert torch.allclose(DA.gaussian_blur(images, sigmas), expected, atol=1e-5)
+    # uint8 threshold 128: a pixel of value 128/255 is inverted, 127/255 is not
+    pixels = torch.tensor([127, 128, 200], dtype=torch.uint8).reshape(1, 3, 1, 1)
+    solarized = DA.solarize(pixels.float() / 255.0)
+    assert torch.equal((solarized * 255).round().to(torch.uint8), TF.solarize(pixels, 128))
+
+
+def _uint8_batch(batch_size: int, n_local: int, seed: int = 0) -> TrainBatch:
+    generator = torch.Generator().manual_seed(seed)
+    globals_ = torch.randint(0, 256, (2 * batch_size, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    locals_ = torch.randint(0, 256, (n_local * batch_size, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    empty = torch.zeros(0, dtype=torch.long)
+    return TrainBatch(
+        globals_, locals_, torch.zeros(2 * batch_size, 4, dtype=torch.bool), empty, empty.float(), batch_size
+    )
+
+
+def test_batch_augmentation_shapes_determinism_and_normalisation() -> None:
+    augment = DA.DeviceMultiCropAugmentation(blur="effective", solarize_prob=0.2)
+    batch = _uint8_batch(4, 3)
+    first = augment(batch, torch.Generator().manual_seed(1))
+    again = augment(batch, torch.Generator().manual_seed(1))
+    other = augment(batch, torch.Generator().manual_seed(2))
+    assert first.global_crops.dtype == torch.float32 and first.global_crops.shape == (8, 3, 16, 16)
+    assert first.local_crops.shape == (12, 3, 8, 8)
+    assert torch.equal(first.global_crops, again.global_crops) and torch.equal(
+        first.local_crops, again.local_crops
+    )
+    assert not torch.equal(first.global_crops, other.global_crops)
+    # With every random operation switched off, the output is exactly the ImageNet normalisation of x / 255.
+    plain = DA.DeviceMultiCropAugmentation(blur="effective", solarize_prob=0.0)
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    crops = batch.global_crops[:4]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DA, "JITTER_PROBABILITY", 0.0)
+        patch.setattr(DA, "GRAYSCALE_PROBABILITY", 0.0)
+        out = plain.crops(crops, 0.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, (crops.float() / 255.0 - mean) / std, atol=1e-6)
+
+
+def test_random_choices_follow_the_configured_probabilities() -> None:
+    augment = DA.DeviceMultiCropAugmentation(solarize_prob=0.0)
+    # Constant-colour crops: grayscale makes the three channels equal, which jitter alone almost never does.
+    colours = torch.tensor([[230, 40, 90]], dtype=torch.uint8).reshape(1, 3, 1, 1).expand(4000, 3, 4, 4)
+    out = augment.crops(colours, 0.0, 0.0, torch.Generator().manual_seed(0))
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    pixels = (out * std + mean)[:, :, 0, 0]
+    gray = (pixels.max(dim=1).values - pixels.min(dim=1).values) < 1e-5
+    assert abs(gray.float().mean().item() - DA.GRAYSCALE_PROBABILITY) < 0.03
+    unchanged = (pixels - colours[:, :, 0, 0].float() / 255.0).abs().amax(dim=1) < 1e-6
+    expected_unchanged = (1 - DA.JITTER_PROBABILITY) * (1 - DA.GRAYSCALE_PROBABILITY)
+    assert abs(unchanged.float().mean().item() - expected_unchanged) < 0.03
+    with pytest.raises(ConfigError, match="blur mode"):
+        DA.DeviceMultiCropAugmentation(blur="sometimes")
