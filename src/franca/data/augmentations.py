@@ -78,7 +78,7 @@ class MultiCropAugmentation:
 
     ``geometry_only=True`` stops after the crop and the flip and returns uint8 crops: the colour, blur, solarisation
     and normalisation steps then run batched on the training device (:mod:`franca.data.device_augment`), which keeps
-    a GPU fed with ~6x fewer CPU cores.
+    a GPU fed with ~8x fewer CPU cores at 224/98 px (benchmarks/RESULTS.md).
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """The photometric half of the multi-crop augmentation, on whole batches on the training device.
 
 On a GPU the CPU data pipeline is the bottleneck: at 224/98 px (2 global + 8 local crops) the full per-image
-torchvision pipeline runs at ~17 images/s per core, its geometric part alone (random resized crop + flip, uint8) at
-~95 (measured on the 2-core machine, docs/demo-learning.md's neighbour benchmarks/RESULTS.md). With
+torchvision pipeline runs at ~27 images/s per core, its geometric part alone (random resized crop + flip, uint8) at
+~208 (benchmarks/RESULTS.md, ``bench_augment.py``). With
 ``crops.augment_on_device=true`` the data workers only crop and flip (:class:`~franca.data.augmentations.MultiCropAugmentation`
 with ``geometry_only=True``, uint8 crops) and :class:`DeviceMultiCropAugmentation` applies the rest on the batch,
 after it has moved to the device: colour jitter (p=0.8, the four operations in a random order per crop), grayscale
