@@ -427,3 +427,16 @@ def test_cli_options(tmp_path: Path) -> None:
     with contextlib.redirect_stderr(buffer):
         status = main(["demo", "--output-dir", str(tmp_path), "--iterations", "0"])
     assert status == 2 and "--iterations must be >= 1" in buffer.getvalue()
+
+
+def test_training_overrides_scale_with_the_run_and_move_augmentation_to_the_gpu(tmp_path: Path) -> None:
+    from franca.demo import training_overrides
+
+    preset = load_config("tiny_cpu")
+    settings = DemoSettings(output_dir=tmp_path, iterations=2 * preset.train.iterations, size=64)
+    cpu = load_config("tiny_cpu", training_overrides(settings, tmp_path / "data", tmp_path / "run", "cpu"))
+    assert cpu.train.iterations == 2 * preset.train.iterations
+    assert cpu.optim.warmup_iterations == 2 * preset.optim.warmup_iterations  # proportions kept
+    assert cpu.crops.augment_on_device is False
+    cuda = load_config("tiny_cpu", training_overrides(settings, tmp_path / "data", tmp_path / "run", "cuda"))
+    assert cuda.crops.augment_on_device is True and cuda.train.num_workers >= 1
