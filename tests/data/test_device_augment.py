@@ -105,3 +105,25 @@ def test_random_choices_follow_the_configured_probabilities() -> None:
     assert abs(unchanged.float().mean().item() - expected_unchanged) < 0.03
     with pytest.raises(ConfigError, match="blur mode"):
         DA.DeviceMultiCropAugmentation(blur="sometimes")
+
+
+def test_blur_sigma_range_reaches_both_pipelines(tmp_path) -> None:
+    from franca.train.config import load_config
+    from franca.train.data import build_multicrop
+
+    config = load_config("tiny_cpu", [f"data.path={tmp_path}", "crops.blur_sigma=[0.05,0.05]"])
+    assert build_multicrop(config).blur_sigma == (0.05, 0.05)
+    # A sigma of 0.05 px leaves an image unchanged to 1e-6 (the neighbour weight is exp(-200)); 2 px does not.
+    augment = DA.DeviceMultiCropAugmentation(blur_sigma=tuple(config.crops.blur_sigma))
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    plain = (pixels.float() / 255.0 - mean) / std
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DA, "JITTER_PROBABILITY", 0.0)
+        patch.setattr(DA, "GRAYSCALE_PROBABILITY", 0.0)
+        sharp = augment.crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
+        blurred = DA.DeviceMultiCropAugmentation().crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
+    assert torch.allclose(sharp, plain, atol=1e-5)
+    assert (blurred - plain).abs().max() > 0.1

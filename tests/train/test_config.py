@@ -147,6 +147,8 @@ def test_invalid_choice_suggests_the_closest_value() -> None:
 def test_invalid_ranges_are_rejected() -> None:
     with pytest.raises(ConfigError, match="crops.global_scale"):
         load_config("tiny_cpu", ["crops.global_scale=[0.5,0.2]"])
+    with pytest.raises(ConfigError, match="crops.blur_sigma"):
+        load_config("tiny_cpu", ["crops.blur_sigma=[0.0,0.2]"])
     with pytest.raises(ConfigError, match="optim.warmup_iterations"):
         load_config("tiny_cpu", ["train.iterations=10"])
     with pytest.raises(ConfigError, match="crops.local_size"):

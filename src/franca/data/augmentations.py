@@ -65,7 +65,8 @@ class MultiCropAugmentation:
 
     Every crop: RandomResizedCrop (bicubic, the given scale range, aspect ratio 3/4..4/3; a source smaller than the
     crop is upsampled), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then
-    Gaussian blur (kernel 9, sigma uniform in [0.1, 2]) with a per-crop probability, then ImageNet normalisation. The
+    Gaussian blur (kernel 9, sigma uniform in ``blur_sigma`` = [0.1, 2] px by default, a range meant for 224-px
+    crops) with a per-crop probability, then ImageNet normalisation. The
     second global crop is also solarised (threshold 128) with ``solarize_prob``. ``blur="effective"`` (default) uses
     the probabilities the released weights were trained with, (global-1, global-2, local) = (0, 0.9, 0.5);
     ``blur="nominal"`` the intended (1.0, 0.1, 0.5) (see :data:`BLUR_PROBABILITIES`). They are readable as
@@ -94,11 +95,14 @@ class MultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         geometry_only: bool = False,
+        blur_sigma: tuple[float, float] = BLUR_SIGMA,
     ) -> None:
         if blur not in BLUR_PROBABILITIES:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         if n_local_crops < 0:
             raise ConfigError(f"n_local_crops must be >= 0, got {n_local_crops}")
+        if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ConfigError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0.0 < scale[0] <= scale[1] <= 1.0:
                 raise ConfigError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
@@ -114,6 +118,7 @@ class MultiCropAugmentation:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.geometry_only = bool(geometry_only)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
 
         self.global1_transform = self._crop_pipeline(
             self.global_size, self.global_scale, self.global1_blur_prob
@@ -138,7 +143,9 @@ class MultiCropAugmentation:
             v2.RandomGrayscale(p=0.2),
         ]
         if blur_prob > 0.0:
-            steps.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL_SIZE, sigma=BLUR_SIGMA)], p=blur_prob))
+            steps.append(
+                v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL_SIZE, sigma=self.blur_sigma)], p=blur_prob)
+            )
         if solarize_prob > 0.0:
             steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_prob))
         steps.extend(_to_normalized_tensor(self.mean, self.std))
@@ -162,7 +169,8 @@ class MultiCropAugmentation:
             f"MultiCropAugmentation(global_size={self.global_size}, local_size={self.local_size}, "
             f"n_local_crops={self.n_local_crops}, global_scale={self.global_scale}, local_scale={self.local_scale}, "
             f"blur={self.blur!r} {(self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob)}, "
-            f"solarize_prob={self.solarize_prob}" + (", geometry_only=True)" if self.geometry_only else ")")
+            f"blur_sigma={self.blur_sigma}, solarize_prob={self.solarize_prob}"
+            + (", geometry_only=True)" if self.geometry_only else ")")
         )
 
 

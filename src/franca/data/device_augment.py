@@ -171,7 +171,7 @@ def _chance(probability: float, count: int, generator: torch.Generator, device: 
 class DeviceMultiCropAugmentation:
     """Colour jitter, grayscale, blur, solarisation and normalisation of a uint8 multi-crop batch, on its device.
 
-    ``blur`` and ``solarize_prob`` mean what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
+    ``blur``, ``blur_sigma`` and ``solarize_prob`` mean what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
     (blur probability per crop kind: first global, second global, local; solarisation on the second global crop).
     ``__call__(batch, generator)`` takes a :class:`~franca.train.ssl_model.TrainBatch` whose ``global_crops``
     ([2B, 3, G, G], view-major) and ``local_crops`` ([n_local*B, 3, L, L]) are uint8 and returns the same batch with
@@ -185,11 +185,13 @@ class DeviceMultiCropAugmentation:
         solarize_prob: float = 0.2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_sigma: tuple[float, float] = BLUR_SIGMA,
     ) -> None:
         if blur not in BLUR_PROBABILITIES:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur]
         self.solarize_prob = float(solarize_prob)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -213,7 +215,7 @@ class DeviceMultiCropAugmentation:
         gray = _chance(GRAYSCALE_PROBABILITY, count, generator, device)
         image = torch.where(_per_image(gray), rgb_to_grayscale(image, 3), image)
         blurred = _chance(blur_prob, count, generator, device)
-        sigma = _uniform(*BLUR_SIGMA, count, generator, device)
+        sigma = _uniform(*self.blur_sigma, count, generator, device)
         chosen = blurred.nonzero().squeeze(1)
         if chosen.numel():
             image[chosen] = gaussian_blur(image[chosen], sigma[chosen])

@@ -134,6 +134,9 @@ class CropsConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     blur_probabilities: str = "effective"
     solarize_probability: float = 0.2  # on the second global crop only
+    # Gaussian-blur sigma range in pixels of the crop (the paper's [0.1, 2] is meant for 224-px crops; on small
+    # images the same sigma erases shapes, so tiny presets scale it with the crop size)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # data workers only crop and flip (uint8); colour, blur, solarisation and normalisation run batched on the
     # training device (franca.data.device_augment): for GPUs, whose CPU pipeline is otherwise the bottleneck
     augment_on_device: bool = False
@@ -621,6 +624,7 @@ def validate_config(config: TrainConfig) -> None:
 
     _check_pair("crops.global_scale", config.crops.global_scale, 0.0, 1.0)
     _check_pair("crops.local_scale", config.crops.local_scale, 0.0, 1.0)
+    _check_pair("crops.blur_sigma", config.crops.blur_sigma, 0.0, math.inf)
     _check_pair("masking.ratio_min_max", config.masking.ratio_min_max, 0.0, 1.0, strict_low=False)
     betas = config.optim.adamw_betas
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):

@@ -141,6 +141,7 @@ def build_multicrop(config: TrainConfig) -> Any:
         blur=crops.blur_probabilities,
         solarize_prob=crops.solarize_probability,
         geometry_only=crops.augment_on_device,
+        blur_sigma=tuple(crops.blur_sigma),
     )
 
 

@@ -163,7 +163,9 @@ class Trainer:
             from franca.data.device_augment import DeviceMultiCropAugmentation
 
             self.device_augment = DeviceMultiCropAugmentation(
-                config.crops.blur_probabilities, config.crops.solarize_probability
+                config.crops.blur_probabilities,
+                config.crops.solarize_probability,
+                blur_sigma=tuple(config.crops.blur_sigma),
             )
         self.iteration = 0
         self.consecutive_nonfinite = 0
