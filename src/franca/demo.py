@@ -1206,6 +1206,7 @@ def write_report(
     data = metrics["data"]
     training = metrics["training"]
     status = "completed" if training["completed"] else unfinished_text(training)
+    plateau_text = plateau_note(training)
     k = evaluation.knn_k
     memory = (
         "the whole train split"
@@ -1226,7 +1227,7 @@ def write_report(
                 f"Median throughput {format_value_or_dash(training['images_per_s'])} images/s. "
                 "The curves show the total loss, the DINO and iBOT losses of each Matryoshka level (dashed: "
                 "the uniform value ln K_j that a student predicting nothing scores), and the learning rate."
-                + (f"\n\nNote: {plateau_note(training)}." if plateau_note(training) else "")
+                + (f"\n\nNote: {plateau_text}." if plateau_text else "")
             ),
             images=[ReportImage(figures["loss"], "Training losses per Matryoshka level")],
         ),
@@ -1556,7 +1557,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     outcome = obtain_run(settings, config, run_dir, log)
     config = outcome.config  # with --eval-only: the run's own settings (for its random init)
-    plateau_text = plateau_note(outcome.summary())
+    plateau_text = plateau_note(outcome.summary())  # printed again with the summary at the end
     if plateau_text:
         log(f"train: {plateau_text}")
 
@@ -1734,7 +1735,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         print(format_table(ablation_table, None, precision=1))
     if not outcome.completed:
         print(f"note: {unfinished_text(outcome.summary())}; re-run without --eval-only to continue training")
-    plateau_text = plateau_note(outcome.summary())
     if plateau_text:
         print(f"note: {plateau_text}")
     print(f"\nreport: {report}\nmetrics: {out / 'metrics.json'}\ntotal time: {format_duration(total)}")

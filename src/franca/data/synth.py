@@ -33,8 +33,8 @@ at 32 px) reaches 18% k-NN against 12% at its random initialisation. The "hard" 
 pixels / random ViT, and barely moves with a few minutes of training. Learnability with labels
 (``benchmarks/probe_learnability.py``, batch 64): the default style reaches 25% training accuracy after 150
 iterations with a small CNN and stays at chance with the ViT; the easy style with ``max_rotation_deg=0`` (upright
-shapes) reaches 96% with the CNN in 150 iterations, while the ViT needs ~300 iterations before it leaves chance
-(docs/demo-learning.md).
+shapes) reaches 96% with the CNN in 150 iterations, while the ViT (patch 8) is still at chance after 300 and a
+patch-16 ViT leaves chance only after ~300 (docs/demo-learning.md).
 
 Generation is deterministic: image ``index`` of ``split`` is rendered from a generator seeded with
 ``(seed, split_code, index)`` (train 0, val 1), and its class is ``index % num_classes``, so both splits are

@@ -134,8 +134,8 @@ class CropsConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     blur_probabilities: str = "effective"
     solarize_probability: float = 0.2  # on the second global crop only
-    # Gaussian-blur sigma range in pixels of the crop (the paper's [0.1, 2] is meant for 224-px crops; on small
-    # images the same sigma erases shapes, so tiny presets scale it with the crop size)
+    # Gaussian-blur sigma range in pixels of the crop (the paper's [0.1, 2] is meant for 224-px crops and is
+    # relatively ~7x stronger on 32-px crops; scaling it down did not help the tiny demo, docs/demo-learning.md)
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # data workers only crop and flip (uint8); colour, blur, solarisation and normalisation run batched on the
     # training device (franca.data.device_augment): for GPUs, whose CPU pipeline is otherwise the bottleneck
