@@ -127,7 +127,7 @@ class DemoSettings:
     data_dir: Path | None = None  # default: output_dir / "data"
     num_images: int = 10000
     val_images: int = 1000
-    size: int = 64
+    size: int = 32
     iterations: int | None = None  # default: the preset's (CPU) or CUDA_ITERATIONS (CUDA)
     batch_size: int | None = None  # default: the preset's (CPU) or CUDA_BATCH_SIZE (CUDA)
     time_budget_min: float = 10.0
@@ -138,7 +138,7 @@ class DemoSettings:
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
     data_seed: int = 0
-    style: str = "default"  # synthetic data difficulty preset (franca.data.synth.STYLES)
+    style: str = "textured"  # synthetic data preset (franca.data.synth.STYLES); textured: a texture per class
     workers: int | None = None  # data generation / loading processes (default: CPU count, at most 4)
     progress: bool = True
     eval: EvalSettings = field(default_factory=EvalSettings)

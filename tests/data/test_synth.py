@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -297,7 +298,9 @@ def test_vectorised_hsv_colours_match_colorsys() -> None:
 
 
 def test_style_presets_and_validation() -> None:
-    assert set(synth.STYLES) == {"default", "easy", "hard"}
+    assert set(synth.STYLES) == {"default", "easy", "hard", "textured"}
+    # textured is the default style with one texture per class, nothing else changed
+    assert synth.STYLES["textured"] == dataclasses.replace(synth.DEFAULT_STYLE, class_textures=True)
     most_distractors = [synth.STYLES[name].num_distractors[1] for name in ("easy", "default", "hard")]
     assert most_distractors == sorted(most_distractors)
     with pytest.raises(ConfigError, match="distractor_scale"):
@@ -337,3 +340,45 @@ def test_max_rotation_zero_draws_upright_shapes() -> None:
     assert min(rotated_fill) < 0.8
     with pytest.raises(ConfigError, match="max_rotation_deg"):
         synth.SynthStyle(max_rotation_deg=-1.0)
+
+
+def _interior_luminance(image: Image.Image, mask: np.ndarray, label: int) -> np.ndarray:
+    """Luminance (0-255) of the object's pixels whose 5x5 neighbourhood is all that object, NaN elsewhere."""
+    inside = mask == label
+    eroded = inside.copy()
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            eroded &= np.roll(np.roll(inside, dy, axis=0), dx, axis=1)
+    luminance = np.asarray(image.convert("L"), dtype=np.float64)
+    return np.where(eroded, luminance, np.nan)
+
+
+def _axis_variation(luminance: np.ndarray) -> tuple[float, float]:
+    """Mean absolute luminance step between horizontal neighbours and between vertical neighbours (inside only)."""
+    along_x = np.nanmean(np.abs(np.diff(luminance, axis=1)))
+    along_y = np.nanmean(np.abs(np.diff(luminance, axis=0)))
+    return float(along_x), float(along_y)
+
+
+def test_class_textures_follow_the_class_in_image_axes() -> None:
+    """With class_textures, stripes run along the image axes whatever the rotation, and the texture is high-contrast."""
+    style = synth.SynthStyle(num_distractors=(0, 0), class_textures=True, max_noise_std=0.0)
+    assert len(synth.CLASS_TEXTURES) == NUM_CLASSES
+    horizontal = synth.CLASS_TEXTURES.index("horizontal stripes")
+    vertical = synth.CLASS_TEXTURES.index("vertical stripes")
+    solid = synth.CLASS_TEXTURES.index("solid")
+    for seed in range(4):
+        size = 96
+        image, mask, _ = synth.render_sample(seed, size=size, class_id=horizontal, style=style)
+        along_x, along_y = _axis_variation(_interior_luminance(image, mask, horizontal + 1))
+        assert along_y > 10 * max(along_x, 0.5)  # constant along rows, stepping between them
+        image, mask, _ = synth.render_sample(seed, size=size, class_id=vertical, style=style)
+        along_x, along_y = _axis_variation(_interior_luminance(image, mask, vertical + 1))
+        assert along_x > 10 * max(along_y, 0.5)
+        luminance = _interior_luminance(image, mask, vertical + 1)
+        # two bands, light and dark, at least ~60 grey levels apart (first colour vs its 30%/70% shade)
+        assert np.nanpercentile(luminance, 90) - np.nanpercentile(luminance, 10) > 60
+        image, mask, _ = synth.render_sample(seed, size=size, class_id=solid, style=style)
+        assert np.nanstd(_interior_luminance(image, mask, solid + 1)) < 1.0
+    # Off by default: the default style's textures do not depend on the class (any texture for any class).
+    assert not synth.DEFAULT_STYLE.class_textures

@@ -94,11 +94,12 @@ def test_hrft_presets_have_the_paper_values_and_require_a_backbone() -> None:
 def test_tiny_cpu_fits_the_cpu_budget() -> None:
     cfg = load_config("tiny_cpu")
     assert cfg.model.arch == "vit_tiny" and cfg.model.patch_size == 8
-    assert cfg.crops.global_size == 64 and cfg.crops.local_size == 32 and cfg.crops.n_local == 4
+    assert cfg.crops.global_size == 32 and cfg.crops.local_size == 16 and cfg.crops.n_local == 4
     assert cfg.train.batch_size_per_device == 32 and cfg.train.global_batch_size is None
-    assert cfg.heads.n_prototypes <= 4096
+    assert cfg.heads.n_prototypes <= 4096 and cfg.heads.init == "fan_in"
+    # ~50 images/s on the 2-core machine at 32 px (docs/environment.md): 9-10 minutes
     images_seen = cfg.train.iterations * cfg.train.batch_size_per_device
-    assert 8_000 <= images_seen <= 12_000
+    assert 20_000 <= images_seen <= 30_000
     lr = cfg.optim.base_lr * math.sqrt(32 / 1024)
     assert 1e-4 <= lr <= 1e-3
 
@@ -181,7 +182,7 @@ def test_dotlist_overrides_are_typed() -> None:
     assert cfg.crops.global_scale == [0.4, 1.0]
     assert cfg.heads.levels == [0.5, 1.0]
     defaults = load_config("tiny_cpu")
-    assert defaults.optim.base_lr == 2e-3  # the preset itself is unchanged
+    assert defaults.optim.base_lr == 5.65e-3  # the preset itself is unchanged (tiny_cpu.yaml)
 
 
 def test_base_inheritance(tmp_path: Path) -> None:
@@ -223,7 +224,7 @@ def test_model_overrides_build_the_tiny_backbone() -> None:
     cfg = load_config("tiny_cpu")
     model = build_model(cfg.model.arch, **cfg.model.vit_overrides())
     assert model.embed_dim == 192 and len(model.blocks) == 6 and model.patch_size == 8
-    assert model.pos_embed.shape == (1, 1 + (64 // 8) ** 2, 192)
+    assert model.pos_embed.shape == (1, 1 + (32 // 8) ** 2, 192)
 
 
 def test_interpolation_and_required_values_in_user_files(tmp_path: Path) -> None:

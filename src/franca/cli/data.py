@@ -19,6 +19,8 @@ def _default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``data`` actions (currently ``synth``) as sub-commands of ``parser``."""
+    from franca.data.synth import STYLES
+
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
     synth = actions.add_parser(
         "synth",
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     synth.add_argument(
         "--style",
-        choices=("default", "easy", "hard"),
+        choices=sorted(STYLES),
         default="default",
         help="difficulty preset (franca.data.synth.STYLES; default %(default)s)",
     )

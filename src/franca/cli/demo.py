@@ -15,6 +15,8 @@ DEFAULT_QUICK_OUTPUT = "runs/demo_quick"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``franca demo``."""
+    from franca.data.synth import STYLES
+
     parser.add_argument(
         "--output-dir",
         default=None,
@@ -30,18 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-images", type=int, default=None, help="training images (default 10000)")
     parser.add_argument("--val-images", type=int, default=None, help="validation images (default 1000)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default %(default)s)")
     parser.add_argument(
         "--style",
-        default="default",
-        choices=["default", "easy", "hard"],
+        default="textured",
+        choices=sorted(STYLES),
         help="difficulty of the synthetic data set (default %(default)s; see `franca data synth --help`)",
     )
     parser.add_argument(
         "--iterations",
         type=int,
         default=None,
-        help="pre-training iterations (default: the tiny_cpu preset's 320 on CPU, 2500 on CUDA)",
+        help="pre-training iterations (default: the tiny_cpu preset's 720 on CPU, 2500 on CUDA)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=None, help="pre-training batch (default: 32 on CPU, 128 on CUDA)"
