@@ -78,14 +78,13 @@ def device_photometric_throughput(
     preset: str, size: int, batch_size: int, repeats: int, device: torch.device
 ) -> dict[str, Any]:
     """Images/s of the batched colour/blur/solarise/normalise step (franca.data.device_augment) on ``device``."""
-    from franca.data.device_augment import DeviceMultiCropAugmentation
-    from franca.train.data import MultiCropCollator
+    from franca.train.data import MultiCropCollator, build_device_augmentation
 
     config = load_config(preset, ["data.path=unused", "crops.augment_on_device=true"])
     transform = build_multicrop(config)
     samples = [(transform(image), index) for index, image in enumerate(generated_images(batch_size, size))]
     batch = MultiCropCollator(config, config.model.patch_size, seed=0)(samples).to(device)
-    augment = DeviceMultiCropAugmentation(config.crops.blur_probabilities, config.crops.solarize_probability)
+    augment = build_device_augmentation(config)
     generator = torch.Generator(device).manual_seed(0)
     augment(batch, generator)  # warm-up
     rates = []

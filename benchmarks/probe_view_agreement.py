@@ -7,7 +7,8 @@ the targets, and the cross-entropy of view-1 targets against the view-2 targets 
 of the batch. When "same image" is not clearly below ``ln K``, a student cannot beat the uniform prediction yet and the
 DINO loss sits at ``sum_j ln K_j`` (docs/demo-learning.md)::
 
-    python benchmarks/probe_view_agreement.py --preset tiny_cpu data.path=runs/demo/data/train heads.init=fan_in
+    python benchmarks/probe_view_agreement.py --preset tiny_cpu data.path=runs/demo/data/train
+    python benchmarks/probe_view_agreement.py data.path=runs/demo/data/train heads.init=official  # the paper's init
 """
 
 from __future__ import annotations
@@ -38,11 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--teacher-temp", type=float, default=0.04)
+    parser.add_argument(
+        "--teacher-temp",
+        type=float,
+        default=None,
+        help="teacher temperature of the targets (default: the config's loss.teacher_temp_start)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.path=DIR")
     args = parser.parse_args(argv)
 
     config = load_config(args.preset, ["train.num_workers=0", *args.overrides])
+    teacher_temp = config.loss.teacher_temp_start if args.teacher_temp is None else args.teacher_temp
     torch.manual_seed(config.train.seed)  # the trainer's initial weights
     _, teacher = build_student_teacher(config)
     if args.checkpoint:
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             logits = teacher(batch, teacher=True)["cls"]
         size = batch.batch_size
         for level, level_logits in enumerate(logits):
-            targets = sinkhorn_knopp(level_logits.float(), args.teacher_temp, config.loss.sk_iterations)
+            targets = sinkhorn_knopp(level_logits.float(), teacher_temp, config.loss.sk_iterations)
             first, second = targets[:size], targets[size:]
             rows.append(
                 {

@@ -127,3 +127,13 @@ def test_blur_sigma_range_reaches_both_pipelines(tmp_path) -> None:
         blurred = DA.DeviceMultiCropAugmentation().crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
     assert torch.allclose(sharp, plain, atol=1e-5)
     assert (blurred - plain).abs().max() > 0.1
+
+
+def test_float_input_is_left_untouched_and_bad_sigma_is_refused(images: torch.Tensor) -> None:
+    augment = DA.DeviceMultiCropAugmentation(solarize_prob=1.0)
+    before = images.clone()
+    out = augment.crops(images, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(images, before) and not torch.allclose(out, before)
+    for sigma in ((0.0, 1.0), (2.0, 1.0)):
+        with pytest.raises(ConfigError, match="blur_sigma"):
+            DA.DeviceMultiCropAugmentation(blur_sigma=sigma)

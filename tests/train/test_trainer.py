@@ -83,19 +83,33 @@ def test_resume_continues_exactly(tmp_path: Path, image_dir: Path, on_device: bo
     np.testing.assert_allclose(losses_staged, losses_straight, rtol=1e-5)
 
 
-def test_device_augmentation_gets_uint8_crops_and_trains(image_dir: Path, tmp_path: Path) -> None:
-    from franca.train.data import build_multicrop
+def test_device_augmentation_gets_uint8_crops_and_trains(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from franca.data.device_augment import DeviceMultiCropAugmentation
+    from franca.train.data import build_multicrop, derived_seed
 
     config = _config(image_dir, "crops.augment_on_device=true", "train.iterations=2")
     crops = build_multicrop(config)(Image.open(image_dir / "img_000.png").convert("RGB"))
     assert all(c.dtype == torch.uint8 for c in [*crops["global_crops"], *crops["local_crops"]])
     assert crops["global_crops"][0].shape == (3, 32, 32) and crops["local_crops"][0].shape == (3, 16, 16)
+    # Spy on the device step: once per iteration, on the uint8 batch, with the (seed, rank, iteration) generator.
+    calls: list[tuple[torch.dtype, int, torch.dtype]] = []
+    original = DeviceMultiCropAugmentation.__call__
+
+    def spy(self, batch, generator):
+        out = original(self, batch, generator)
+        calls.append((batch.global_crops.dtype, generator.initial_seed(), out.global_crops.dtype))
+        return out
+
+    monkeypatch.setattr(DeviceMultiCropAugmentation, "__call__", spy)
     result = train(config, tmp_path / "run", progress=False)
-    losses = [m["loss"] for m in _metrics(tmp_path / "run")]
-    assert result.iteration == 2 and all(np.isfinite(losses))
-    # the CPU pipeline on the same run differs (other random draws), so the losses are not identical to it
-    other = train(_config(image_dir, "train.iterations=2"), tmp_path / "cpu", progress=False)
-    assert other.iteration == 2 and [m["loss"] for m in _metrics(tmp_path / "cpu")] != losses
+    assert result.iteration == 2 and all(np.isfinite([m["loss"] for m in _metrics(tmp_path / "run")]))
+    seed = config.train.seed
+    assert calls == [
+        (torch.uint8, derived_seed(seed, "device-augment", 0, iteration), torch.float32)
+        for iteration in (0, 1)
+    ]
 
 
 def test_metrics_exports_and_run_directory(tmp_path: Path, image_dir: Path) -> None:

@@ -39,6 +39,13 @@ BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
 
 
+def check_blur_sigma(blur_sigma: Sequence[float]) -> tuple[float, float]:
+    """``blur_sigma`` as a float pair; ConfigError unless 0 < min <= max (a zero sigma divides by zero)."""
+    if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+        raise ConfigError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
+    return float(blur_sigma[0]), float(blur_sigma[1])
+
+
 def _interpolation(value: InterpolationMode | str) -> InterpolationMode:
     """An InterpolationMode from itself or its name ("bicubic", "bilinear", ...)."""
     if isinstance(value, InterpolationMode):
@@ -101,8 +108,6 @@ class MultiCropAugmentation:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         if n_local_crops < 0:
             raise ConfigError(f"n_local_crops must be >= 0, got {n_local_crops}")
-        if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ConfigError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0.0 < scale[0] <= scale[1] <= 1.0:
                 raise ConfigError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
@@ -118,7 +123,7 @@ class MultiCropAugmentation:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.geometry_only = bool(geometry_only)
-        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_sigma = check_blur_sigma(blur_sigma)
 
         self.global1_transform = self._crop_pipeline(
             self.global_size, self.global_scale, self.global1_blur_prob

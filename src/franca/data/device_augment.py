@@ -6,7 +6,7 @@ torchvision pipeline runs at ~27 images/s per core, its geometric part alone (ra
 ``crops.augment_on_device=true`` the data workers only crop and flip (:class:`~franca.data.augmentations.MultiCropAugmentation`
 with ``geometry_only=True``, uint8 crops) and :class:`DeviceMultiCropAugmentation` applies the rest on the batch,
 after it has moved to the device: colour jitter (p=0.8, the four operations in a random order per crop), grayscale
-(p=0.2), Gaussian blur (kernel 9, sigma in [0.1, 2], per-crop probability), solarisation (second global crop) and
+(p=0.2), Gaussian blur (kernel 9, sigma uniform in ``blur_sigma``, per-crop probability), solarisation (second global crop) and
 ImageNet normalisation, with the same distributions as the per-image pipeline and one random draw per crop.
 
 Every operation takes float images ``[B, 3, H, W]`` in [0, 1] and one factor per image ``[B]``, and matches the
@@ -32,6 +32,7 @@ from franca.data.augmentations import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SOLARIZE_THRESHOLD,
+    check_blur_sigma,
 )
 from franca.errors import ConfigError
 
@@ -191,7 +192,7 @@ class DeviceMultiCropAugmentation:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur]
         self.solarize_prob = float(solarize_prob)
-        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_sigma = check_blur_sigma(blur_sigma)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -199,7 +200,8 @@ class DeviceMultiCropAugmentation:
         self, crops: Tensor, blur_prob: float, solarize_prob: float, generator: torch.Generator
     ) -> Tensor:
         """Augment one kind of crop: uint8 (or [0, 1] float) ``[N, 3, H, W]`` -> normalised float32."""
-        image = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops.float()
+        # a new tensor either way: the steps below write into it
+        image = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops.to(torch.float32, copy=True)
         count, device = image.shape[0], image.device
         if count == 0:
             return image

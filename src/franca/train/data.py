@@ -145,6 +145,18 @@ def build_multicrop(config: TrainConfig) -> Any:
     )
 
 
+def build_device_augmentation(config: TrainConfig) -> Any:
+    """The batched photometric half of ``config.crops`` (for ``crops.augment_on_device``), see franca.data.device_augment."""
+    from franca.data.device_augment import DeviceMultiCropAugmentation
+
+    crops = config.crops
+    return DeviceMultiCropAugmentation(
+        blur=crops.blur_probabilities,
+        solarize_prob=crops.solarize_probability,
+        blur_sigma=tuple(crops.blur_sigma),
+    )
+
+
 def build_train_loader(
     config: TrainConfig,
     patch_size: int,

@@ -31,7 +31,7 @@ from franca.train.checkpointing import (
     save_checkpoint,
 )
 from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes, save_config
-from franca.train.data import build_train_loader, derived_seed
+from franca.train.data import build_device_augmentation, build_train_loader, derived_seed
 from franca.train.ema import ema_update_, pair_parameters
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
 from franca.train.parallel import (
@@ -158,15 +158,7 @@ class Trainer:
             [local_tensor(p) for p in teacher_params],
             [local_tensor(p) for p in student_params],
         )
-        self.device_augment = None
-        if config.crops.augment_on_device:
-            from franca.data.device_augment import DeviceMultiCropAugmentation
-
-            self.device_augment = DeviceMultiCropAugmentation(
-                config.crops.blur_probabilities,
-                config.crops.solarize_probability,
-                blur_sigma=tuple(config.crops.blur_sigma),
-            )
+        self.device_augment = build_device_augmentation(config) if config.crops.augment_on_device else None
         self.iteration = 0
         self.consecutive_nonfinite = 0
         # seed the per-rank model randomness (stochastic depth) differently on each rank
