@@ -138,7 +138,7 @@ class DemoSettings:
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
     data_seed: int = 0
-    style: str = "textured"  # synthetic data preset (franca.data.synth.STYLES); textured: a texture per class
+    style: str = "textured-large"  # synthetic data preset (franca.data.synth.STYLES): a texture per class, large objects
     workers: int | None = None  # data generation / loading processes (default: CPU count, at most 4)
     progress: bool = True
     eval: EvalSettings = field(default_factory=EvalSettings)

@@ -108,6 +108,38 @@ def test_colour_and_solarize_settings() -> None:
         MultiCropAugmentation(blur="sometimes")
 
 
+def test_configured_colour_jitter_and_grayscale_reach_both_pipelines(tmp_path) -> None:
+    from franca.train.config import load_config
+    from franca.train.data import build_device_augmentation, build_multicrop
+
+    overrides = [
+        f"data.path={tmp_path}",
+        "crops.color_jitter=[0.3,0.5,0.4,0.5]",
+        "crops.color_jitter_probability=0.6",
+        "crops.grayscale_probability=0.35",
+    ]
+    config = load_config("tiny_cpu", overrides)
+    for pipeline in (build_multicrop(config).global1_transform, build_multicrop(config).local_transform):
+        (jitter_wrapper,) = _find(pipeline, v2.ColorJitter)
+        jitter = jitter_wrapper.transforms[0]
+        assert jitter_wrapper.p == pytest.approx(0.6)
+        assert jitter.brightness == pytest.approx((0.7, 1.3)) and jitter.contrast == pytest.approx((0.5, 1.5))
+        assert jitter.saturation == pytest.approx((0.6, 1.4)) and jitter.hue == pytest.approx((-0.5, 0.5))
+        (gray,) = _find(pipeline, v2.RandomGrayscale)
+        assert gray.p == pytest.approx(0.35)
+    device = build_device_augmentation(config)
+    flat_ranges = [bound for pair in device.jitter_ranges for bound in pair]
+    assert flat_ranges == pytest.approx([0.7, 1.3, 0.5, 1.5, 0.6, 1.4, -0.5, 0.5])
+    assert (device.color_jitter_prob, device.grayscale_prob) == pytest.approx((0.6, 0.35))
+    for bad, key in (
+        ("crops.color_jitter=[0.4,0.4,0.2,0.7]", "crops.color_jitter"),
+        ("crops.color_jitter=[0.4,0.4,0.2]", "crops.color_jitter"),
+        ("crops.grayscale_probability=1.2", "crops.grayscale_probability"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            load_config("tiny_cpu", [f"data.path={tmp_path}", bad])
+
+
 class _CallCounter(nn.Module):
     """Stands in for the blur inside RandomApply and counts how often RandomApply decided to apply it."""
 

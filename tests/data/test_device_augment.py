@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import colorsys
+
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -79,14 +81,13 @@ def test_batch_augmentation_shapes_determinism_and_normalisation() -> None:
     )
     assert not torch.equal(first.global_crops, other.global_crops)
     # With every random operation switched off, the output is exactly the ImageNet normalisation of x / 255.
-    plain = DA.DeviceMultiCropAugmentation(blur="effective", solarize_prob=0.0)
+    plain = DA.DeviceMultiCropAugmentation(
+        blur="effective", solarize_prob=0.0, color_jitter_prob=0.0, grayscale_prob=0.0
+    )
     mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
     crops = batch.global_crops[:4]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(DA, "JITTER_PROBABILITY", 0.0)
-        patch.setattr(DA, "GRAYSCALE_PROBABILITY", 0.0)
-        out = plain.crops(crops, 0.0, 0.0, torch.Generator().manual_seed(0))
+    out = plain.crops(crops, 0.0, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(out, (crops.float() / 255.0 - mean) / std, atol=1e-6)
 
 
@@ -99,10 +100,34 @@ def test_random_choices_follow_the_configured_probabilities() -> None:
     mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     pixels = (out * std + mean)[:, :, 0, 0]
     gray = (pixels.max(dim=1).values - pixels.min(dim=1).values) < 1e-5
-    assert abs(gray.float().mean().item() - DA.GRAYSCALE_PROBABILITY) < 0.03
+    assert abs(gray.float().mean().item() - 0.2) < 0.03  # the paper's grayscale probability is the default
     unchanged = (pixels - colours[:, :, 0, 0].float() / 255.0).abs().amax(dim=1) < 1e-6
-    expected_unchanged = (1 - DA.JITTER_PROBABILITY) * (1 - DA.GRAYSCALE_PROBABILITY)
-    assert abs(unchanged.float().mean().item() - expected_unchanged) < 0.03
+    assert abs(unchanged.float().mean().item() - (1 - 0.8) * (1 - 0.2)) < 0.03  # jitter p=0.8 by default
+    # Configured probabilities and strengths: grayscale always; jitter with zero strengths changes nothing.
+    always_gray = DA.DeviceMultiCropAugmentation(
+        solarize_prob=0.0, grayscale_prob=1.0, color_jitter=(0, 0, 0, 0)
+    )
+    out = always_gray.crops(colours[:500], 0.0, 0.0, torch.Generator().manual_seed(0))
+    pixels = (out * std + mean)[:, :, 0, 0]
+    luma = (torch.tensor([0.2989, 0.587, 0.114]) * torch.tensor([230.0, 40.0, 90.0]) / 255.0).sum()
+    assert torch.allclose(pixels, luma.expand_as(pixels), atol=1e-5)
+    # A full-range hue jitter (0.5 turns) moves the hue of most crops far; the paper's 0.1 never beyond 0.1 turns.
+    for hue, far_fraction in ((0.5, 0.5), (0.1, 0.0)):
+        hue_only = DA.DeviceMultiCropAugmentation(
+            solarize_prob=0.0, grayscale_prob=0.0, color_jitter=(0, 0, 0, hue), color_jitter_prob=1.0
+        )
+        out = hue_only.crops(colours[:1000], 0.0, 0.0, torch.Generator().manual_seed(0))
+        rgb = (out * std + mean)[:, :, 0, 0]
+        hue_after = torch.tensor([colorsys.rgb_to_hsv(*pixel)[0] for pixel in rgb.tolist()])
+        start = colorsys.rgb_to_hsv(230 / 255, 40 / 255, 90 / 255)[0]
+        shift = torch.remainder(hue_after - start + 0.5, 1.0) - 0.5  # signed shift in turns
+        assert shift.abs().max() <= hue + 1e-4
+        assert (shift.abs() > 0.1 + 1e-3).float().mean() >= far_fraction * 0.9
+    for bad in ((0.4, 0.4, 0.2, 0.6), (0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2)):
+        with pytest.raises(ConfigError, match="color_jitter"):
+            DA.DeviceMultiCropAugmentation(color_jitter=bad)
+    with pytest.raises(ConfigError, match="grayscale_prob"):
+        DA.DeviceMultiCropAugmentation(grayscale_prob=1.5)
     with pytest.raises(ConfigError, match="blur mode"):
         DA.DeviceMultiCropAugmentation(blur="sometimes")
 
@@ -120,11 +145,10 @@ def test_blur_sigma_range_reaches_both_pipelines(tmp_path) -> None:
     mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
     plain = (pixels.float() / 255.0 - mean) / std
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(DA, "JITTER_PROBABILITY", 0.0)
-        patch.setattr(DA, "GRAYSCALE_PROBABILITY", 0.0)
-        sharp = augment.crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
-        blurred = DA.DeviceMultiCropAugmentation().crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
+    augment.color_jitter_prob = augment.grayscale_prob = 0.0
+    sharp = augment.crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
+    wide = DA.DeviceMultiCropAugmentation(color_jitter_prob=0.0, grayscale_prob=0.0)
+    blurred = wide.crops(pixels, 1.0, 0.0, torch.Generator().manual_seed(1))
     assert torch.allclose(sharp, plain, atol=1e-5)
     assert (blurred - plain).abs().max() > 0.1
 

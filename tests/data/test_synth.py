@@ -298,11 +298,26 @@ def test_vectorised_hsv_colours_match_colorsys() -> None:
 
 
 def test_style_presets_and_validation() -> None:
-    assert set(synth.STYLES) == {"default", "easy", "hard", "textured"}
+    assert set(synth.STYLES) == {"default", "easy", "hard", "textured", "textured-large"}
     # textured is the default style with one texture per class, nothing else changed
     assert synth.STYLES["textured"] == dataclasses.replace(synth.DEFAULT_STYLE, class_textures=True)
     most_distractors = [synth.STYLES[name].num_distractors[1] for name in ("easy", "default", "hard")]
     assert most_distractors == sorted(most_distractors)
+    # textured-large: at most one distractor and a main object covering more of the image than in textured
+    main_fraction = {}
+    for name in ("textured", "textured-large"):
+        fractions = []
+        for seed in range(24):
+            _, mask, class_id = synth.render_sample(seed, size=48, style=synth.STYLES[name])
+            if name == "textured-large":
+                assert (
+                    len(set(np.unique(mask).tolist()) - {0, 255}) <= 2
+                )  # the main class and one distractor's
+            fractions.append(float(np.mean(mask == class_id + 1)))
+        main_fraction[name] = np.mean(fractions)
+    assert (
+        main_fraction["textured-large"] > 1.15 * main_fraction["textured"]
+    )  # radius ratio 0.41 / 0.36 on average
     with pytest.raises(ConfigError, match="distractor_scale"):
         synth.SynthStyle(distractor_scale=(0.5, 1.2))
     with pytest.raises(ConfigError, match="texture_weights"):
@@ -382,3 +397,76 @@ def test_class_textures_follow_the_class_in_image_axes() -> None:
         assert np.nanstd(_interior_luminance(image, mask, solid + 1)) < 1.0
     # Off by default: the default style's textures do not depend on the class (any texture for any class).
     assert not synth.DEFAULT_STYLE.class_textures
+
+
+def _stripe_colours(image: Image.Image, mask: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """The RGB colours (0-1) of the darkest and the lightest interior pixels of a two-colour striped object."""
+    luminance = _interior_luminance(image, mask, label)
+    rgb = np.asarray(image, dtype=np.float64) / 255.0
+    inside = ~np.isnan(luminance)
+    values, pixels = luminance[inside], rgb[inside]
+    return pixels[values <= np.percentile(values, 5)].mean(axis=0), pixels[
+        values >= np.percentile(values, 95)
+    ].mean(axis=0)
+
+
+def test_texture_contrast_gives_two_independent_colours_with_a_luma_gap() -> None:
+    """texture_contrast=None: one hue in a light and a dark shade; a number: two colours of (mostly) different hue
+    whose luma (0.299 R + 0.587 G + 0.114 B) differs by at least that much."""
+    import colorsys
+
+    vertical = synth.CLASS_TEXTURES.index("vertical stripes")
+    luma = np.array([0.299, 0.587, 0.114])
+    hue_gaps = {}
+    for contrast in (None, 0.4):
+        style = synth.SynthStyle(
+            num_distractors=(0, 0), class_textures=True, max_noise_std=0.0, texture_contrast=contrast
+        )
+        gaps = []
+        for seed in range(12):
+            image, mask, _ = synth.render_sample(seed, size=96, class_id=vertical, style=style)
+            dark, light = _stripe_colours(image, mask, vertical + 1)
+            if contrast is not None:
+                assert (
+                    light - dark
+                ) @ luma >= contrast - 0.02  # box-filtered edges stay out of the 5 % tails
+            hues = [colorsys.rgb_to_hsv(*colour)[0] for colour in (dark, light)]
+            gap = abs(hues[0] - hues[1])
+            gaps.append(min(gap, 1.0 - gap))
+        hue_gaps[contrast] = np.array(gaps)
+    assert hue_gaps[None].max() < 0.03  # shades of one colour keep its hue
+    assert (hue_gaps[0.4] > 0.05).mean() >= 0.5
+    with pytest.raises(ConfigError, match="texture_contrast"):
+        synth.SynthStyle(class_textures=True, texture_contrast=0.95)
+
+
+def _stripe_period(image: Image.Image, mask: np.ndarray, label: int) -> float:
+    """The period (px) of vertical stripes: the strongest frequency of the interior rows' luminance."""
+    luminance = _interior_luminance(image, mask, label)
+    rows = [row[~np.isnan(row)] for row in luminance]
+    rows = [row - row.mean() for row in rows if row.size >= 32]
+    length = 512
+    power = sum(np.abs(np.fft.rfft(row, n=length)) ** 2 for row in rows)
+    power[:3] = 0.0  # leave out the mean and the slowest drifts
+    return length / float(np.argmax(power))
+
+
+def test_texture_period_jitter_sets_the_spread_of_stripe_periods() -> None:
+    """Periods are size / 7 times a factor in [1 - jitter, 1 + jitter]: exactly size / 7 without jitter."""
+    vertical = synth.CLASS_TEXTURES.index("vertical stripes")
+    size = 112
+    spreads = {}
+    for jitter in (0.0, 0.4):
+        style = synth.SynthStyle(
+            num_distractors=(0, 0), class_textures=True, max_noise_std=0.0, texture_period_jitter=jitter
+        )
+        periods = []
+        for seed in range(10):
+            image, mask, _ = synth.render_sample(seed, size=size, class_id=vertical, style=style)
+            periods.append(_stripe_period(image, mask, vertical + 1))
+        periods = np.array(periods) / (size / 7.0)
+        assert periods.min() >= 1.0 - jitter - 0.05 and periods.max() <= 1.0 + jitter + 0.05
+        spreads[jitter] = periods.max() - periods.min()
+    assert spreads[0.0] < 0.05 and spreads[0.4] > 0.3
+    with pytest.raises(ConfigError, match="texture_period_jitter"):
+        synth.SynthStyle(class_textures=True, texture_period_jitter=0.7)

@@ -38,7 +38,7 @@ TINY = [
     "optim.warmup_iterations=1",
     "optim.freeze_last_layer_iterations=0",
     "loss.teacher_temp_warmup_iterations=1",
-    # the paper's head init and teacher temperatures (tiny_cpu's demo recipe uses fan_in and 0.02): the tolerances
+    # the paper's head init and teacher temperatures (tiny_cpu's demo recipe uses fan_in and 0.01): the tolerances
     # below were measured with these small logits
     "heads.init=official",
     "loss.teacher_temp_start=0.04",

@@ -83,6 +83,41 @@ def test_resume_continues_exactly(tmp_path: Path, image_dir: Path, on_device: bo
     np.testing.assert_allclose(losses_staged, losses_straight, rtol=1e-5)
 
 
+def test_chunked_fit_of_one_trainer_matches_a_straight_run_without_reloading(
+    tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit(stop_at=...) chunks of one Trainer (as the demo runs them) train exactly as one fit, and reuse the state in
+    memory and the data iterator instead of re-reading the checkpoint and restarting the loader."""
+    import franca.train.trainer as trainer_module
+
+    extra = ("train.iterations=6", "train.checkpoint_every=2", "train.num_workers=1")
+    straight = train(_config(image_dir, *extra), tmp_path / "straight", progress=False)
+    loads, loaders = [], []
+    original_load, original_build = trainer_module.load_checkpoint, trainer_module.build_train_loader
+    monkeypatch.setattr(
+        trainer_module, "load_checkpoint", lambda *a, **k: loads.append(a) or original_load(*a, **k)
+    )
+    monkeypatch.setattr(
+        trainer_module, "build_train_loader", lambda *a, **k: loaders.append(a) or original_build(*a, **k)
+    )
+    trainer = trainer_module.Trainer(_config(image_dir, *extra), tmp_path / "chunked", progress=False)
+    for stop in (2, 4, 6):
+        result = trainer.fit(stop_at=stop)
+    assert result.iteration == 6 and loads == [] and len(loaders) == 1
+    a = torch.load(straight.checkpoint_path, weights_only=True)
+    b = torch.load(result.checkpoint_path, weights_only=True)
+    for key, value in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    losses = [m["loss"] for m in _metrics(tmp_path / "chunked")]
+    np.testing.assert_allclose(losses, [m["loss"] for m in _metrics(tmp_path / "straight")], rtol=1e-5)
+    # A new Trainer on the same folder (a longer schedule) starts from the newest checkpoint on disk.
+    other = trainer_module.Trainer(
+        _config(image_dir, "train.iterations=8", *extra[1:]), tmp_path / "chunked", False
+    )
+    other.fit(stop_at=8)
+    assert len(loads) == 1 and other.iteration == 8
+
+
 def test_device_augmentation_gets_uint8_crops_and_trains(
     image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

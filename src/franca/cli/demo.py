@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default %(default)s)")
     parser.add_argument(
         "--style",
-        default="textured",
+        default="textured-large",
         choices=sorted(STYLES),
         help="difficulty of the synthetic data set (default %(default)s; see `franca data synth --help`)",
     )

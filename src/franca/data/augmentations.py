@@ -20,6 +20,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropAugmentation",
+    "check_color_jitter",
     "eval_transform",
 ]
 
@@ -37,6 +38,10 @@ BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
+#: ColorJitter strengths (brightness, contrast, saturation, hue) and the probabilities of jitter and grayscale
+COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)
+COLOR_JITTER_PROBABILITY = 0.8
+GRAYSCALE_PROBABILITY = 0.2
 
 
 def check_blur_sigma(blur_sigma: Sequence[float]) -> tuple[float, float]:
@@ -44,6 +49,24 @@ def check_blur_sigma(blur_sigma: Sequence[float]) -> tuple[float, float]:
     if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
         raise ConfigError(f"blur_sigma must satisfy 0 < min <= max, got {tuple(blur_sigma)}")
     return float(blur_sigma[0]), float(blur_sigma[1])
+
+
+def check_color_jitter(color_jitter: Sequence[float]) -> tuple[float, float, float, float]:
+    """``color_jitter`` (brightness, contrast, saturation, hue) as floats; ConfigError unless each is >= 0 and
+    hue <= 0.5 (torchvision's ColorJitter: factors uniform in [max(0, 1 - s), 1 + s], a hue shift in [-h, h] turns)."""
+    if len(color_jitter) != 4 or min(color_jitter) < 0.0 or color_jitter[3] > 0.5:
+        raise ConfigError(
+            "color_jitter must be four strengths (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5, "
+            f"got {tuple(color_jitter)}"
+        )
+    return tuple(float(value) for value in color_jitter)  # type: ignore[return-value]
+
+
+def check_probability(name: str, value: float) -> float:
+    """``value`` as a float; ConfigError naming ``name`` unless it lies in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
 
 
 def _interpolation(value: InterpolationMode | str) -> InterpolationMode:
@@ -71,7 +94,8 @@ class MultiCropAugmentation:
     """DINOv2 / Franca multi-crop: two global and ``n_local_crops`` local views of one image.
 
     Every crop: RandomResizedCrop (bicubic, the given scale range, aspect ratio 3/4..4/3; a source smaller than the
-    crop is upsampled), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale with p=0.2, then
+    crop is upsampled), horizontal flip p=0.5, ColorJitter(``color_jitter`` = (0.4, 0.4, 0.2, 0.1) by default) with
+    ``color_jitter_prob`` = 0.8, grayscale with ``grayscale_prob`` = 0.2 (the paper's values are the defaults), then
     Gaussian blur (kernel 9, sigma uniform in ``blur_sigma`` = [0.1, 2] px by default, a range meant for 224-px
     crops) with a per-crop probability, then ImageNet normalisation. The
     second global crop is also solarised (threshold 128) with ``solarize_prob``. ``blur="effective"`` (default) uses
@@ -103,6 +127,9 @@ class MultiCropAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         geometry_only: bool = False,
         blur_sigma: tuple[float, float] = BLUR_SIGMA,
+        color_jitter: Sequence[float] = COLOR_JITTER,
+        color_jitter_prob: float = COLOR_JITTER_PROBABILITY,
+        grayscale_prob: float = GRAYSCALE_PROBABILITY,
     ) -> None:
         if blur not in BLUR_PROBABILITIES:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
@@ -124,6 +151,9 @@ class MultiCropAugmentation:
         self.std = tuple(float(s) for s in std)
         self.geometry_only = bool(geometry_only)
         self.blur_sigma = check_blur_sigma(blur_sigma)
+        self.color_jitter = check_color_jitter(color_jitter)
+        self.color_jitter_prob = check_probability("color_jitter_prob", color_jitter_prob)
+        self.grayscale_prob = check_probability("grayscale_prob", grayscale_prob)
 
         self.global1_transform = self._crop_pipeline(
             self.global_size, self.global_scale, self.global1_blur_prob
@@ -144,8 +174,8 @@ class MultiCropAugmentation:
         if self.geometry_only:  # the photometric rest runs on the device (franca.data.device_augment)
             return v2.Compose([*steps, v2.ToImage(), v2.ToPureTensor()])
         steps += [
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.ColorJitter(*self.color_jitter)], p=self.color_jitter_prob),
+            v2.RandomGrayscale(p=self.grayscale_prob),
         ]
         if blur_prob > 0.0:
             steps.append(
@@ -174,7 +204,8 @@ class MultiCropAugmentation:
             f"MultiCropAugmentation(global_size={self.global_size}, local_size={self.local_size}, "
             f"n_local_crops={self.n_local_crops}, global_scale={self.global_scale}, local_scale={self.local_scale}, "
             f"blur={self.blur!r} {(self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob)}, "
-            f"blur_sigma={self.blur_sigma}, solarize_prob={self.solarize_prob}"
+            f"blur_sigma={self.blur_sigma}, solarize_prob={self.solarize_prob}, color_jitter={self.color_jitter} "
+            f"p={self.color_jitter_prob}, grayscale_prob={self.grayscale_prob}"
             + (", geometry_only=True)" if self.geometry_only else ")")
         )
 

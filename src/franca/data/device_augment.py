@@ -5,8 +5,8 @@ torchvision pipeline runs at ~27 images/s per core, its geometric part alone (ra
 ~208 (benchmarks/RESULTS.md, ``bench_augment.py``). With
 ``crops.augment_on_device=true`` the data workers only crop and flip (:class:`~franca.data.augmentations.MultiCropAugmentation`
 with ``geometry_only=True``, uint8 crops) and :class:`DeviceMultiCropAugmentation` applies the rest on the batch,
-after it has moved to the device: colour jitter (p=0.8, the four operations in a random order per crop), grayscale
-(p=0.2), Gaussian blur (kernel 9, sigma uniform in ``blur_sigma``, per-crop probability), solarisation (second global crop) and
+after it has moved to the device: colour jitter (``color_jitter`` strengths with probability ``color_jitter_prob``,
+0.8 by default, the four operations in a random order per crop), grayscale (``grayscale_prob``, 0.2), Gaussian blur (kernel 9, sigma uniform in ``blur_sigma``, per-crop probability), solarisation (second global crop) and
 ImageNet normalisation, with the same distributions as the per-image pipeline and one random draw per crop.
 
 Every operation takes float images ``[B, 3, H, W]`` in [0, 1] and one factor per image ``[B]``, and matches the
@@ -29,10 +29,15 @@ from franca.data.augmentations import (
     BLUR_KERNEL_SIZE,
     BLUR_PROBABILITIES,
     BLUR_SIGMA,
+    COLOR_JITTER,
+    COLOR_JITTER_PROBABILITY,
+    GRAYSCALE_PROBABILITY,
     IMAGENET_MEAN,
     IMAGENET_STD,
     SOLARIZE_THRESHOLD,
     check_blur_sigma,
+    check_color_jitter,
+    check_probability,
 )
 from franca.errors import ConfigError
 
@@ -50,10 +55,17 @@ __all__ = [
     "solarize",
 ]
 
-# ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1) as factor ranges, in torchvision's op order.
-JITTER_RANGES: tuple[tuple[float, float], ...] = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-JITTER_PROBABILITY = 0.8
-GRAYSCALE_PROBABILITY = 0.2
+
+def jitter_ranges(color_jitter: Sequence[float]) -> tuple[tuple[float, float], ...]:
+    """ColorJitter strengths (brightness, contrast, saturation, hue) as factor ranges, in torchvision's op order:
+    [max(0, 1 - s), 1 + s] for the first three, [-h, h] for the hue."""
+    brightness, contrast, saturation, hue = check_color_jitter(color_jitter)
+    return (
+        *((max(0.0, 1.0 - s), 1.0 + s) for s in (brightness, contrast, saturation)),
+        (-hue, hue),
+    )
+
+
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's ITU-R 601-2 luma weights
 
 
@@ -172,7 +184,7 @@ def _chance(probability: float, count: int, generator: torch.Generator, device: 
 class DeviceMultiCropAugmentation:
     """Colour jitter, grayscale, blur, solarisation and normalisation of a uint8 multi-crop batch, on its device.
 
-    ``blur``, ``blur_sigma`` and ``solarize_prob`` mean what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
+    ``blur``, ``blur_sigma``, ``solarize_prob``, ``color_jitter``, ``color_jitter_prob`` and ``grayscale_prob`` mean what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
     (blur probability per crop kind: first global, second global, local; solarisation on the second global crop).
     ``__call__(batch, generator)`` takes a :class:`~franca.train.ssl_model.TrainBatch` whose ``global_crops``
     ([2B, 3, G, G], view-major) and ``local_crops`` ([n_local*B, 3, L, L]) are uint8 and returns the same batch with
@@ -187,12 +199,18 @@ class DeviceMultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         blur_sigma: tuple[float, float] = BLUR_SIGMA,
+        color_jitter: Sequence[float] = COLOR_JITTER,
+        color_jitter_prob: float = COLOR_JITTER_PROBABILITY,
+        grayscale_prob: float = GRAYSCALE_PROBABILITY,
     ) -> None:
         if blur not in BLUR_PROBABILITIES:
             raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur]
         self.solarize_prob = float(solarize_prob)
         self.blur_sigma = check_blur_sigma(blur_sigma)
+        self.jitter_ranges = jitter_ranges(color_jitter)
+        self.color_jitter_prob = check_probability("color_jitter_prob", color_jitter_prob)
+        self.grayscale_prob = check_probability("grayscale_prob", grayscale_prob)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -205,16 +223,16 @@ class DeviceMultiCropAugmentation:
         count, device = image.shape[0], image.device
         if count == 0:
             return image
-        # Colour jitter: per crop, p=0.8, the four operations in a random order with uniform factors.
-        jitter = _chance(JITTER_PROBABILITY, count, generator, device)
+        # Colour jitter: per crop, with color_jitter_prob, the four operations in a random order with uniform factors.
+        jitter = _chance(self.color_jitter_prob, count, generator, device)
         order = torch.rand(count, len(_JITTER_OPS), device=device, generator=generator).argsort(dim=1)
-        factors = [_uniform(low, high, count, generator, device) for low, high in JITTER_RANGES]
+        factors = [_uniform(low, high, count, generator, device) for low, high in self.jitter_ranges]
         for step in range(len(_JITTER_OPS)):
             for op_index, op in enumerate(_JITTER_OPS):
                 chosen = (jitter & (order[:, step] == op_index)).nonzero().squeeze(1)
                 if chosen.numel():
                     image[chosen] = op(image[chosen], factors[op_index][chosen])
-        gray = _chance(GRAYSCALE_PROBABILITY, count, generator, device)
+        gray = _chance(self.grayscale_prob, count, generator, device)
         image = torch.where(_per_image(gray), rgb_to_grayscale(image, 3), image)
         blurred = _chance(blur_prob, count, generator, device)
         sigma = _uniform(*self.blur_sigma, count, generator, device)

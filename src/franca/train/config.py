@@ -137,6 +137,11 @@ class CropsConfig:
     # Gaussian-blur sigma range in pixels of the crop (the paper's [0.1, 2] is meant for 224-px crops and is
     # relatively ~7x stronger on 32-px crops; scaling it down did not help the tiny demo, docs/demo-learning.md)
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # ColorJitter strengths (brightness, contrast, saturation, hue in turns <= 0.5), applied with
+    # color_jitter_probability, then grayscale with grayscale_probability (the paper's values are the defaults)
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
     # data workers only crop and flip (uint8); colour, blur, solarisation and normalisation run batched on the
     # training device (franca.data.device_augment): for GPUs, whose CPU pipeline is otherwise the bottleneck
     augment_on_device: bool = False
@@ -614,6 +619,8 @@ def validate_config(config: TrainConfig) -> None:
         "model.drop_path_rate": config.model.drop_path_rate,
         "masking.probability": config.masking.probability,
         "crops.solarize_probability": config.crops.solarize_probability,
+        "crops.color_jitter_probability": config.crops.color_jitter_probability,
+        "crops.grayscale_probability": config.crops.grayscale_probability,
         "loss.center_momentum": config.loss.center_momentum,
         "optim.teacher_momentum_start": config.optim.teacher_momentum_start,
         "optim.teacher_momentum_end": config.optim.teacher_momentum_end,
@@ -625,6 +632,12 @@ def validate_config(config: TrainConfig) -> None:
     _check_pair("crops.global_scale", config.crops.global_scale, 0.0, 1.0)
     _check_pair("crops.local_scale", config.crops.local_scale, 0.0, 1.0)
     _check_pair("crops.blur_sigma", config.crops.blur_sigma, 0.0, math.inf)
+    jitter = list(config.crops.color_jitter)
+    if len(jitter) != 4 or min(jitter) < 0.0 or jitter[3] > 0.5:
+        _fail(
+            "crops.color_jitter",
+            f"must be four strengths [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, got {jitter}",
+        )
     _check_pair("masking.ratio_min_max", config.masking.ratio_min_max, 0.0, 1.0, strict_low=False)
     betas = config.optim.adamw_betas
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):

@@ -142,6 +142,9 @@ def build_multicrop(config: TrainConfig) -> Any:
         solarize_prob=crops.solarize_probability,
         geometry_only=crops.augment_on_device,
         blur_sigma=tuple(crops.blur_sigma),
+        color_jitter=tuple(crops.color_jitter),
+        color_jitter_prob=crops.color_jitter_probability,
+        grayscale_prob=crops.grayscale_probability,
     )
 
 
@@ -154,6 +157,9 @@ def build_device_augmentation(config: TrainConfig) -> Any:
         blur=crops.blur_probabilities,
         solarize_prob=crops.solarize_probability,
         blur_sigma=tuple(crops.blur_sigma),
+        color_jitter=tuple(crops.color_jitter),
+        color_jitter_prob=crops.color_jitter_probability,
+        grayscale_prob=crops.grayscale_probability,
     )
 
 

@@ -26,6 +26,7 @@ from franca.errors import FrancaError
 from franca.train.checkpointing import (
     export_teacher,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     official_teacher_state,
     save_checkpoint,
@@ -160,6 +161,11 @@ class Trainer:
         )
         self.device_augment = build_device_augmentation(config) if config.crops.augment_on_device else None
         self.iteration = 0
+        # Between fit(stop_at=...) calls of one Trainer (the demo trains in chunks): the iteration the state in
+        # memory was last saved at or loaded from, and the live data iterator with the iteration it yields next, so
+        # that the next call neither re-reads the checkpoint it just wrote nor restarts the data workers.
+        self._checkpointed_iteration: int | None = None
+        self._data_iterator: tuple[int, Any] | None = None
         self.consecutive_nonfinite = 0
         # seed the per-rank model randomness (stochastic depth) differently on each rank
         torch.manual_seed(config.train.seed + 1 + self.rank)
@@ -214,7 +220,13 @@ class Trainer:
         if path is None:
             return None
         self.load_state_dict(load_checkpoint(path))
+        self._checkpointed_iteration = self.iteration
         return path
+
+    def _state_is_latest_checkpoint(self) -> bool:
+        """Whether the state in memory is the newest checkpoint on disk (this Trainer wrote or loaded it)."""
+        checkpoints = list_checkpoints(self.output_dir)
+        return bool(checkpoints) and checkpoints[-1][0] == self._checkpointed_iteration == self.iteration
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, batch: TrainBatch) -> tuple[dict[str, Any], bool]:
@@ -333,27 +345,31 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         dist_utils.barrier()
-        resumed = self.resume()
+        resumed = None if self._state_is_latest_checkpoint() else self.resume()
         if self.is_main:
             save_config(config, self.output_dir / "config.yaml")
             self._truncate_metrics(self.iteration)
             if resumed is not None:
                 print(f"resumed from {resumed} at iteration {self.iteration}")
-        loader, _ = build_train_loader(
-            config,
-            self.student.backbone.patch_size,
-            self.batch_size,
-            self.iteration,
-            self.rank,
-            self.world_size,
-        )
+        if self._data_iterator is not None and self._data_iterator[0] == self.iteration:
+            data_iter = self._data_iterator[1]  # the workers of the previous call, already at this iteration
+        else:
+            loader, _ = build_train_loader(
+                config,
+                self.student.backbone.patch_size,
+                self.batch_size,
+                self.iteration,
+                self.rank,
+                self.world_size,
+            )
+            data_iter = iter(loader)
+        self._data_iterator = None
         writer = self._tensorboard()
         self.student.train()
         self.teacher.eval()
         last: dict[str, Any] = {}
         checkpoint_path: Path | None = None
         skipped_images = 0
-        data_iter = iter(loader)
         bar = tqdm(
             total=end,
             initial=self.iteration,
@@ -418,6 +434,9 @@ class Trainer:
                     )
                 if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
                     checkpoint_path = self._save()
+                    self._checkpointed_iteration = self.iteration
+            if self.iteration < total:  # a staged run: the next fit() continues with these workers
+                self._data_iterator = (self.iteration, data_iter)
         finally:
             bar.close()
             if writer is not None:
