@@ -6,7 +6,8 @@ torchvision pipeline runs at ~27 images/s per core, its geometric part alone (ra
 ``crops.augment_on_device=true`` the data workers only crop and flip (:class:`~franca.data.augmentations.MultiCropAugmentation`
 with ``geometry_only=True``, uint8 crops) and :class:`DeviceMultiCropAugmentation` applies the rest on the batch,
 after it has moved to the device: colour jitter (``color_jitter`` strengths with probability ``color_jitter_prob``,
-0.8 by default, the four operations in a random order per crop), grayscale (``grayscale_prob``, 0.2), Gaussian blur (kernel 9, sigma uniform in ``blur_sigma``, per-crop probability), solarisation (second global crop) and
+0.8 by default, the four operations in a random order per crop), grayscale (``grayscale_prob``, 0.2), Gaussian blur
+(kernel 9, sigma uniform in ``blur_sigma``, per-crop probability), solarisation (second global crop) and
 ImageNet normalisation, with the same distributions as the per-image pipeline and one random draw per crop.
 
 Every operation takes float images ``[B, 3, H, W]`` in [0, 1] and one factor per image ``[B]``, and matches the
@@ -184,7 +185,8 @@ def _chance(probability: float, count: int, generator: torch.Generator, device: 
 class DeviceMultiCropAugmentation:
     """Colour jitter, grayscale, blur, solarisation and normalisation of a uint8 multi-crop batch, on its device.
 
-    ``blur``, ``blur_sigma``, ``solarize_prob``, ``color_jitter``, ``color_jitter_prob`` and ``grayscale_prob`` mean what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
+    ``blur``, ``blur_sigma``, ``solarize_prob``, ``color_jitter``, ``color_jitter_prob`` and ``grayscale_prob`` mean
+    what they mean for :class:`~franca.data.augmentations.MultiCropAugmentation`
     (blur probability per crop kind: first global, second global, local; solarisation on the second global crop).
     ``__call__(batch, generator)`` takes a :class:`~franca.train.ssl_model.TrainBatch` whose ``global_crops``
     ([2B, 3, G, G], view-major) and ``local_crops`` ([n_local*B, 3, L, L]) are uint8 and returns the same batch with

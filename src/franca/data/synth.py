@@ -41,7 +41,8 @@ shapes) reaches 96% with the CNN in 150 iterations, while the ViT (patch 8) is s
 patch-16 ViT leaves chance only after ~300 (docs/demo-learning.md). The "textured" style is learned with labels by
 the same ViT to 70% in 100 iterations at 64 px (55% at 32 px), and by the demo's self-supervised recipe to ~21% k-NN
 against ~10% at random initialisation in 800 iterations at 32 px (docs/demo-learning.md, section 4);
-"textured-large" to 83% k-NN with labels in 300 iterations at 32 px and to ~24% self-supervised in 720 (section 5).
+"textured-large" to 83% k-NN with labels in 300 iterations at 32 px, and by the demo's recipe (any-hue jitter,
+grayscale 0.8) to ~43% k-NN self-supervised in 720 against ~10% at random initialisation (section 5).
 
 Generation is deterministic: image ``index`` of ``split`` is rendered from a generator seeded with
 ``(seed, split_code, index)`` (train 0, val 1), and its class is ``index % num_classes``, so both splits are
@@ -174,10 +175,10 @@ HARD_STYLE = SynthStyle(
     min_object_contrast=0.35,
     max_noise_std=8.0,
 )
-# The demo's data: the default style with each class wearing its own texture (CLASS_TEXTURES), so that a short
-# self-supervised run on 2 CPU cores has a patch-level, augmentation-invariant cue to find (docs/demo-learning.md).
+# The default style with each class wearing its own texture (CLASS_TEXTURES), so that a short self-supervised run
+# on 2 CPU cores has a patch-level, augmentation-invariant cue to find (docs/demo-learning.md section 4).
 TEXTURED_STYLE = SynthStyle(class_textures=True)
-# The demo's data since session 4: textured, with a larger main object and at most one distractor, so that two random
+# The demo's data: textured, with a larger main object and at most one distractor, so that two random
 # crops of one image mostly show the same object (with labels the ViT reaches 83% k-NN instead of 77% in 300
 # iterations; docs/demo-learning.md section 5).
 TEXTURED_LARGE_STYLE = SynthStyle(class_textures=True, main_radius=(0.36, 0.46), num_distractors=(0, 1))
@@ -602,7 +603,7 @@ def _object_colours(
     >= min_luma_difference.
 
     Draws 16 candidate pairs at once (64 with a luma condition, which fewer pairs meet) and keeps the first that
-    qualifies; if none does, the last one (the one that comes closest to both conditions, with a luma condition).
+    qualifies. If none does: the last pair, or with a luma condition the pair that falls least short of both.
     """
     count = 64 if min_luma_difference > 0.0 else 16
     pairs = _random_colours(rng, 2 * count).reshape(count, 2, 3)

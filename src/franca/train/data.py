@@ -127,6 +127,19 @@ class MultiCropCollator:
         )
 
 
+def _photometric_settings(crops: Any) -> dict[str, Any]:
+    """The keyword arguments of ``config.crops`` that both augmentation pipelines take (colour, blur, solarise), so
+    that a new photometric key cannot reach one pipeline and miss the other."""
+    return {
+        "blur": crops.blur_probabilities,
+        "solarize_prob": crops.solarize_probability,
+        "blur_sigma": tuple(crops.blur_sigma),
+        "color_jitter": tuple(crops.color_jitter),
+        "color_jitter_prob": crops.color_jitter_probability,
+        "grayscale_prob": crops.grayscale_probability,
+    }
+
+
 def build_multicrop(config: TrainConfig) -> Any:
     """The multi-crop augmentation that ``config.crops`` describes."""
     from franca.data.augmentations import MultiCropAugmentation
@@ -138,13 +151,8 @@ def build_multicrop(config: TrainConfig) -> Any:
         n_local_crops=crops.n_local,
         global_scale=tuple(crops.global_scale),
         local_scale=tuple(crops.local_scale),
-        blur=crops.blur_probabilities,
-        solarize_prob=crops.solarize_probability,
         geometry_only=crops.augment_on_device,
-        blur_sigma=tuple(crops.blur_sigma),
-        color_jitter=tuple(crops.color_jitter),
-        color_jitter_prob=crops.color_jitter_probability,
-        grayscale_prob=crops.grayscale_probability,
+        **_photometric_settings(crops),
     )
 
 
@@ -152,15 +160,7 @@ def build_device_augmentation(config: TrainConfig) -> Any:
     """The batched photometric half of ``config.crops`` (for ``crops.augment_on_device``), see franca.data.device_augment."""
     from franca.data.device_augment import DeviceMultiCropAugmentation
 
-    crops = config.crops
-    return DeviceMultiCropAugmentation(
-        blur=crops.blur_probabilities,
-        solarize_prob=crops.solarize_probability,
-        blur_sigma=tuple(crops.blur_sigma),
-        color_jitter=tuple(crops.color_jitter),
-        color_jitter_prob=crops.color_jitter_probability,
-        grayscale_prob=crops.grayscale_probability,
-    )
+    return DeviceMultiCropAugmentation(**_photometric_settings(config.crops))
 
 
 def build_train_loader(

@@ -323,6 +323,7 @@ class Trainer:
             path = save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
             export_teacher(self.output_dir, state["teacher"], self.teacher.backbone.config, self.iteration)
         dist_utils.barrier()
+        self._checkpointed_iteration = self.iteration
         return path
 
     def _tensorboard(self) -> Any:
@@ -434,7 +435,6 @@ class Trainer:
                     )
                 if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
                     checkpoint_path = self._save()
-                    self._checkpointed_iteration = self.iteration
             if self.iteration < total:  # a staged run: the next fit() continues with these workers
                 self._data_iterator = (self.iteration, data_iter)
         finally:
