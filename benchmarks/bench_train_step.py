@@ -10,7 +10,7 @@ gives the median step time over ``--steps`` steps after ``--warmup`` steps, the 
 of the step (franca.flops.franca_step_flops, with the batches' real masked-patch counts), the achieved FLOP/s, the
 measured peak matrix-product rate and MFU = achieved / peak. Writes JSON to benchmarks/out/train_step.json.
 
-Presets: ``tiny`` is the tiny_cpu config (64/32 px crops x4, 4096 prototypes); ``vit_small``, ``vit_base`` and
+Presets: ``tiny`` is the tiny_cpu config (32/16 px crops x4, 4096 prototypes); ``vit_small``, ``vit_base`` and
 ``vit_large`` use the paper's crops (224/98 px x8) and heads (131072 prototypes for the largest level, 2048 hidden,
 384 bottleneck; ``--small-heads`` cuts the prototypes to 8192) with the vitb14_in21k (S and B) and vitl14_laion (L)
 settings, so ViT-L runs its 0.4 batch-subset stochastic depth.

@@ -1,0 +1,176 @@
+"""Where do a backbone's patch features come from: the patch embedding, or what the blocks add to it?
+
+The last-layer patch tokens are ``x_L = x_0 + r``: ``x_0`` is the patch embedding plus the position embedding (what the
+blocks start from) and ``r`` the sum of every block's residual update. With LayerScale initialised at 1e-5 a short run
+leaves ``r`` small, so the patch features a dense evaluation sees can be the (trained) patch embedding almost alone
+while the CLS token, which *is* its residual, has learned the classes. This probe measures it on a synthetic data set:
+for the trained backbone of a run and the same backbone at random initialisation, the mean norms ``|x_0|`` and ``|r|``
+of the patch tokens, and the demo's protocols on three features: the final tokens (the model's own LayerNorm), ``x_0``
+and ``r`` (each standardised per token, i.e. a LayerNorm without affine): k-NN on the mean-pooled patch tokens and
+HummingBird mIoU, plus k-NN on the final CLS token for reference (docs/demo-learning.md, section 6)::
+
+    python benchmarks/probe_patch_features.py --run runs/demo/train --data runs/demo/data
+    python benchmarks/probe_patch_features.py --run runs/demo/train --data runs/demo/data --blocks 2 4  # earlier blocks
+
+Evaluation sizes are the demo's (5,000 train / 1,000 val images, a 32,768-patch HummingBird bank); ~1 minute per
+feature on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import machine_info, print_table, write_json
+from torch import Tensor, nn
+
+from franca import demo
+from franca.checkpoints import load_backbone
+from franca.train.config import load_config
+
+
+class PatchDecomposition(nn.Module):
+    """A backbone view for :func:`franca.demo.extract_features` that returns one part of the tokens after ``blocks``
+    blocks: ``"x0"`` (embedding + position), ``"residual"`` (what the blocks added) or ``"tokens"`` (their sum); each
+    standardised per token (LayerNorm without affine), so that cosine similarities compare directions only."""
+
+    def __init__(self, backbone: nn.Module, part: str, blocks: int) -> None:
+        super().__init__()
+        if part not in ("x0", "residual", "tokens"):
+            raise ValueError(f"unknown part {part!r}")
+        self.backbone, self.part, self.blocks = backbone, part, blocks
+        self.patch_size = backbone.patch_size
+
+    def parts(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_0, residual) of all tokens [B, 1 + R + N, D] after ``self.blocks`` blocks."""
+        start = self.backbone.prepare_tokens_with_masks(images)
+        tokens = start
+        for block in self.backbone.blocks[: self.blocks]:
+            tokens = block(tokens)
+        return start, tokens - start
+
+    def forward_features(self, images: Tensor) -> dict[str, Tensor]:
+        start, residual = self.parts(images)
+        chosen = {"x0": start, "residual": residual, "tokens": start + residual}[self.part]
+        chosen = F.layer_norm(chosen, chosen.shape[-1:])
+        first_patch = 1 + self.backbone.num_register_tokens
+        return {"x_norm_clstoken": chosen[:, 0], "x_norm_patchtokens": chosen[:, first_patch:]}
+
+
+@torch.no_grad()
+def token_norms(backbone: nn.Module, images: Tensor) -> dict[str, float]:
+    """Mean L2 norms of x_0 and of the blocks' residual over the patch tokens (and the CLS token) of ``images``."""
+    view = PatchDecomposition(backbone, "tokens", len(backbone.blocks)).eval()
+    mean = torch.tensor(demo.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(demo.IMAGENET_STD).view(1, 3, 1, 1)
+    start, residual = view.parts((images.float().div(255.0) - mean) / std)
+    first_patch = 1 + backbone.num_register_tokens
+    return {
+        "patch_x0": float(start[:, first_patch:].norm(dim=-1).mean()),
+        "patch_residual": float(residual[:, first_patch:].norm(dim=-1).mean()),
+        "cls_x0": float(start[:, 0].norm(dim=-1).mean()),
+        "cls_residual": float(residual[:, 0].norm(dim=-1).mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--run", required=True, help="a training run folder (config.yaml + teacher_backbone.*)"
+    )
+    parser.add_argument("--data", required=True, help="the synthetic data set (train/, val/, masks/)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate the residual after these numbers of blocks (after the last block: always)",
+    )
+    parser.add_argument("--json", default="benchmarks/out/probe_patch_features.json")
+    args = parser.parse_args(argv)
+
+    run, data = Path(args.run), Path(args.data)
+    exported = sorted(run.glob("teacher_backbone.*"))
+    if not (run / "config.yaml").is_file() or not exported:
+        print(
+            f"error: {run} is not a training run (needs config.yaml and teacher_backbone.*)", file=sys.stderr
+        )
+        return 2
+    config = load_config(str(run / "config.yaml"))
+    settings, device = demo.EvalSettings(), torch.device("cpu")
+    size = config.crops.global_size
+    train = demo.load_split(data, "train", size, progress=False, max_images=settings.train_images)
+    val = demo.load_split(data, "val", size, progress=False, max_images=1000)
+    num_classes = demo.NUM_SHAPE_CLASSES + 1  # + background
+    bank = demo.build_memory_bank(
+        train.masks, config.model.patch_size, num_classes, settings.hummingbird_memory_patches
+    )
+    models = {"trained": load_backbone(str(exported[0])), "random init": demo.random_init_backbone(config)}
+    rows = []
+    for model_name, backbone in models.items():
+        backbone.eval()
+        depth = len(backbone.blocks)
+        views: list[tuple[str, int, nn.Module]] = [
+            ("final", depth, backbone),
+            ("x0", 0, PatchDecomposition(backbone, "x0", 0)),
+        ]
+        views += [
+            ("residual", n, PatchDecomposition(backbone, "residual", n))
+            for n in sorted({*args.blocks, depth})
+        ]
+        norms = token_norms(backbone, val.images[:256])
+        for part, blocks, view in views:
+            train_features = demo.extract_features(view, train.images, device, progress=False)
+            val_features = demo.extract_features(view, val.images, device, progress=False)
+            pooled = [demo.Features(f.patch.mean((1, 2)), f.patch) for f in (train_features, val_features)]
+            knn = {
+                "pooled_knn": demo.run_knn(pooled[0], train.labels, pooled[1], val.labels, settings, device),
+                "cls_knn": demo.run_knn(
+                    train_features, train.labels, val_features, val.labels, settings, device
+                )
+                if part == "final"
+                else None,
+            }
+            hummingbird = demo.run_hummingbird(
+                train_features.patch, bank, val_features.patch, val.masks, settings, device, num_classes
+            )
+            row = {
+                "model": model_name,
+                "features": part,
+                "blocks": blocks,
+                "norm": {"x0": norms["patch_x0"], "residual": norms["patch_residual"]}.get(part),
+                **{key: None if value is None else value["top1"] for key, value in knn.items()},
+                "hummingbird": hummingbird["miou"],
+            }
+            rows.append(row)
+            print(
+                f"{model_name} {part}@{blocks}: HummingBird {row['hummingbird']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(
+            f"{model_name}: patch |x0| {norms['patch_x0']:.2f}, |residual| {norms['patch_residual']:.2f}; "
+            f"CLS |x0| {norms['cls_x0']:.2f}, |residual| {norms['cls_residual']:.2f}",
+            file=sys.stderr,
+        )
+    print_table(
+        rows,
+        [
+            ("model", "model", "s"),
+            ("features", "features", "s"),
+            ("blocks", "after blocks", "d"),
+            ("norm", "mean |.|", ".2f"),
+            ("cls_knn", "CLS k-NN", ".1f"),
+            ("pooled_knn", "pooled-patch k-NN", ".1f"),
+            ("hummingbird", "HummingBird mIoU", ".1f"),
+        ],
+    )
+    write_json(args.json, {"machine": machine_info(device), "run": str(run), "data": str(data), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
