@@ -61,9 +61,10 @@ class PatchDecomposition(nn.Module):
 
 
 @torch.no_grad()
-def token_norms(backbone: nn.Module, images: Tensor) -> dict[str, float]:
-    """Mean L2 norms of x_0 and of the blocks' residual over the patch tokens (and the CLS token) of ``images``."""
-    view = PatchDecomposition(backbone, "tokens", len(backbone.blocks)).eval()
+def token_norms(backbone: nn.Module, images: Tensor, blocks: int) -> dict[str, float]:
+    """Mean L2 norms of x_0 and of the residual of the first ``blocks`` blocks over the patch tokens (and the CLS
+    token) of ``images``."""
+    view = PatchDecomposition(backbone, "tokens", blocks).eval()
     mean = torch.tensor(demo.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(demo.IMAGENET_STD).view(1, 3, 1, 1)
     start, residual = view.parts((images.float().div(255.0) - mean) / std)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             ("residual", n, PatchDecomposition(backbone, "residual", n))
             for n in sorted({*args.blocks, depth})
         ]
-        norms = token_norms(backbone, val.images[:256])
+        norms = {n: token_norms(backbone, val.images[:256], n) for n in sorted({*args.blocks, depth})}
         for part, blocks, view in views:
             train_features = demo.extract_features(view, train.images, device, progress=False)
             val_features = demo.extract_features(view, val.images, device, progress=False)
@@ -141,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model_name,
                 "features": part,
                 "blocks": blocks,
-                "norm": {"x0": norms["patch_x0"], "residual": norms["patch_residual"]}.get(part),
+                "norm": {
+                    "x0": norms[depth]["patch_x0"],
+                    "residual": norms.get(blocks, {}).get("patch_residual"),
+                }.get(part),
                 **{key: None if value is None else value["top1"] for key, value in knn.items()},
                 "hummingbird": hummingbird["miou"],
             }
@@ -152,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         print(
-            f"{model_name}: patch |x0| {norms['patch_x0']:.2f}, |residual| {norms['patch_residual']:.2f}; "
-            f"CLS |x0| {norms['cls_x0']:.2f}, |residual| {norms['cls_residual']:.2f}",
+            f"{model_name}: patch |x0| {norms[depth]['patch_x0']:.2f}, |residual| {norms[depth]['patch_residual']:.2f}; "
+            f"CLS |x0| {norms[depth]['cls_x0']:.2f}, |residual| {norms[depth]['cls_residual']:.2f} (all blocks)",
             file=sys.stderr,
         )
     print_table(
