@@ -7,13 +7,14 @@ while the CLS token, which *is* its residual, has learned the classes. This prob
 for the trained backbone of a run and the same backbone at random initialisation, the mean norms ``|x_0|`` and ``|r|``
 of the patch tokens, and the demo's protocols on three features: the final tokens (the model's own LayerNorm), ``x_0``
 and ``r`` (each standardised per token, i.e. a LayerNorm without affine): k-NN on the mean-pooled patch tokens and
-HummingBird mIoU, plus k-NN on the final CLS token for reference (docs/demo-learning.md, section 6)::
+HummingBird mIoU, plus k-NN on the final CLS token for reference (docs/demo-learning.md, section 6). The random-init
+``r`` (LayerScale-sized noise) gives the scores of a feature that carries nothing::
 
     python benchmarks/probe_patch_features.py --run runs/demo/train --data runs/demo/data
     python benchmarks/probe_patch_features.py --run runs/demo/train --data runs/demo/data --blocks 2 4  # earlier blocks
 
-Evaluation sizes are the demo's (5,000 train / 1,000 val images, a 32,768-patch HummingBird bank); ~1 minute per
-feature on 2 CPU cores.
+Evaluation sizes are the demo's (5,000 train images, the whole val split, a 32,768-patch HummingBird bank); about a
+minute in all on 2 CPU cores for a tiny_cpu run (50 s with ``--blocks 3``, 8 features).
 """
 
 from __future__ import annotations
@@ -33,48 +34,37 @@ from franca.train.config import load_config
 
 
 class PatchDecomposition(nn.Module):
-    """A backbone view for :func:`franca.demo.extract_features` that returns one part of the tokens after ``blocks``
-    blocks: ``"x0"`` (embedding + position), ``"residual"`` (what the blocks added) or ``"tokens"`` (their sum); each
-    standardised per token (LayerNorm without affine), so that cosine similarities compare directions only."""
+    """A backbone view for :func:`franca.demo.extract_features` that returns one part of the tokens: ``"x0"`` (patch
+    embedding + position, what the blocks start from) or ``"residual"`` (what the first ``blocks`` blocks added to
+    it). ``standardise`` applies a LayerNorm without affine, so that cosine similarities compare directions only;
+    without it the raw part comes back (for its norm)."""
 
-    def __init__(self, backbone: nn.Module, part: str, blocks: int) -> None:
+    def __init__(self, backbone: nn.Module, part: str, blocks: int, standardise: bool = True) -> None:
         super().__init__()
-        if part not in ("x0", "residual", "tokens"):
+        if part not in ("x0", "residual"):
             raise ValueError(f"unknown part {part!r}")
-        self.backbone, self.part, self.blocks = backbone, part, blocks
+        self.backbone, self.part, self.blocks, self.standardise = backbone, part, blocks, standardise
         self.patch_size = backbone.patch_size
 
-    def parts(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_0, residual) of all tokens [B, 1 + R + N, D] after ``self.blocks`` blocks."""
-        start = self.backbone.prepare_tokens_with_masks(images)
-        tokens = start
-        for block in self.backbone.blocks[: self.blocks]:
-            tokens = block(tokens)
-        return start, tokens - start
-
     def forward_features(self, images: Tensor) -> dict[str, Tensor]:
-        start, residual = self.parts(images)
-        chosen = {"x0": start, "residual": residual, "tokens": start + residual}[self.part]
-        chosen = F.layer_norm(chosen, chosen.shape[-1:])
+        start = self.backbone.prepare_tokens_with_masks(images)
+        chosen = start
+        if self.part == "residual":
+            tokens = start
+            for block in self.backbone.blocks[: self.blocks]:
+                tokens = block(tokens)
+            chosen = tokens - start
+        if self.standardise:
+            chosen = F.layer_norm(chosen, chosen.shape[-1:])
         first_patch = 1 + self.backbone.num_register_tokens
         return {"x_norm_clstoken": chosen[:, 0], "x_norm_patchtokens": chosen[:, first_patch:]}
 
 
-@torch.no_grad()
-def token_norms(backbone: nn.Module, images: Tensor, blocks: int) -> dict[str, float]:
-    """Mean L2 norms of x_0 and of the residual of the first ``blocks`` blocks over the patch tokens (and the CLS
-    token) of ``images``."""
-    view = PatchDecomposition(backbone, "tokens", blocks).eval()
-    mean = torch.tensor(demo.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(demo.IMAGENET_STD).view(1, 3, 1, 1)
-    start, residual = view.parts((images.float().div(255.0) - mean) / std)
-    first_patch = 1 + backbone.num_register_tokens
-    return {
-        "patch_x0": float(start[:, first_patch:].norm(dim=-1).mean()),
-        "patch_residual": float(residual[:, first_patch:].norm(dim=-1).mean()),
-        "cls_x0": float(start[:, 0].norm(dim=-1).mean()),
-        "cls_residual": float(residual[:, 0].norm(dim=-1).mean()),
-    }
+def mean_norms(view: PatchDecomposition, images: Tensor) -> tuple[float, float]:
+    """Mean L2 norm of the (raw) part over the patch tokens and over the CLS token of ``images``."""
+    raw = PatchDecomposition(view.backbone, view.part, view.blocks, standardise=False)
+    features = demo.extract_features(raw, images, torch.device("cpu"), progress=False)
+    return float(features.patch.norm(dim=-1).mean()), float(features.cls.norm(dim=-1).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, device = demo.EvalSettings(), torch.device("cpu")
     size = config.crops.global_size
     train = demo.load_split(data, "train", size, progress=False, max_images=settings.train_images)
-    val = demo.load_split(data, "val", size, progress=False, max_images=1000)
+    val = demo.load_split(data, "val", size, progress=False)  # all of it, as the demo
     num_classes = demo.NUM_SHAPE_CLASSES + 1  # + background
     bank = demo.build_memory_bank(
         train.masks, config.model.patch_size, num_classes, settings.hummingbird_memory_patches
@@ -114,52 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, backbone in models.items():
         backbone.eval()
         depth = len(backbone.blocks)
-        views: list[tuple[str, int, nn.Module]] = [
-            ("final", depth, backbone),
-            ("x0", 0, PatchDecomposition(backbone, "x0", 0)),
-        ]
+        views: list[tuple[str, int, nn.Module]] = [("final", depth, backbone)]
+        views += [("x0", 0, PatchDecomposition(backbone, "x0", 0))]
         views += [
             ("residual", n, PatchDecomposition(backbone, "residual", n))
             for n in sorted({*args.blocks, depth})
         ]
-        norms = {n: token_norms(backbone, val.images[:256], n) for n in sorted({*args.blocks, depth})}
         for part, blocks, view in views:
             train_features = demo.extract_features(view, train.images, device, progress=False)
             val_features = demo.extract_features(view, val.images, device, progress=False)
             pooled = [demo.Features(f.patch.mean((1, 2)), f.patch) for f in (train_features, val_features)]
-            knn = {
-                "pooled_knn": demo.run_knn(pooled[0], train.labels, pooled[1], val.labels, settings, device),
-                "cls_knn": demo.run_knn(
-                    train_features, train.labels, val_features, val.labels, settings, device
-                )
-                if part == "final"
-                else None,
-            }
-            hummingbird = demo.run_hummingbird(
+            row = {"model": model_name, "features": part, "blocks": blocks, "norm": None, "cls_knn": None}
+            if part == "final":
+                knn = demo.run_knn(train_features, train.labels, val_features, val.labels, settings, device)
+                row["cls_knn"] = knn["top1"]
+            else:
+                row["norm"], cls_norm = mean_norms(view, val.images[:256])
+                print(f"{model_name} {part}@{blocks}: CLS token norm {cls_norm:.2f}", file=sys.stderr)
+            row["pooled_knn"] = demo.run_knn(
+                pooled[0], train.labels, pooled[1], val.labels, settings, device
+            )["top1"]
+            row["hummingbird"] = demo.run_hummingbird(
                 train_features.patch, bank, val_features.patch, val.masks, settings, device, num_classes
-            )
-            row = {
-                "model": model_name,
-                "features": part,
-                "blocks": blocks,
-                "norm": {
-                    "x0": norms[depth]["patch_x0"],
-                    "residual": norms.get(blocks, {}).get("patch_residual"),
-                }.get(part),
-                **{key: None if value is None else value["top1"] for key, value in knn.items()},
-                "hummingbird": hummingbird["miou"],
-            }
+            )["miou"]
             rows.append(row)
             print(
                 f"{model_name} {part}@{blocks}: HummingBird {row['hummingbird']:.1f}",
                 file=sys.stderr,
                 flush=True,
             )
-        print(
-            f"{model_name}: patch |x0| {norms[depth]['patch_x0']:.2f}, |residual| {norms[depth]['patch_residual']:.2f}; "
-            f"CLS |x0| {norms[depth]['cls_x0']:.2f}, |residual| {norms[depth]['cls_residual']:.2f} (all blocks)",
-            file=sys.stderr,
-        )
     print_table(
         rows,
         [
