@@ -437,6 +437,6 @@ def test_training_overrides_scale_with_the_run_and_move_augmentation_to_the_gpu(
     cpu = load_config("tiny_cpu", training_overrides(settings, tmp_path / "data", tmp_path / "run", "cpu"))
     assert cpu.train.iterations == 2 * preset.train.iterations
     assert cpu.optim.warmup_iterations == 2 * preset.optim.warmup_iterations  # proportions kept
-    assert cpu.crops.augment_on_device is False
+    assert cpu.crops.augment_on_device is True and cpu.train.num_workers == 0  # the preset's, on 2 cores
     cuda = load_config("tiny_cpu", training_overrides(settings, tmp_path / "data", tmp_path / "run", "cuda"))
     assert cuda.crops.augment_on_device is True and cuda.train.num_workers >= 1
