@@ -117,6 +117,7 @@ def test_configured_colour_jitter_and_grayscale_reach_both_pipelines(tmp_path) -
         "crops.color_jitter=[0.3,0.5,0.4,0.5]",
         "crops.color_jitter_probability=0.6",
         "crops.grayscale_probability=0.35",
+        "crops.augment_on_device=false",  # the per-image pipeline with its colour steps (tiny_cpu batches them)
     ]
     config = load_config("tiny_cpu", overrides)
     for pipeline in (build_multicrop(config).global1_transform, build_multicrop(config).local_transform):
