@@ -43,10 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--iterations",
         type=int,
         default=None,
-        help="pre-training iterations (default: the tiny_cpu preset's 1600 on CPU, 2500 on CUDA)",
+        help="pre-training iterations (default: the tiny_cpu preset's on CPU, 2500 on CUDA)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="pre-training batch (default: 32 on CPU, 128 on CUDA)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pre-training batch (default: the tiny_cpu preset's on CPU, 128 on CUDA)",
     )
     parser.add_argument(
         "--time-budget-min",
