@@ -23,6 +23,24 @@ from franca import distributed
 
 __all__ = ["distributed_logsumexp_over_samples", "sinkhorn_knopp"]
 
+# exp(x) for x below this is taken as exp(_EXP_FLOOR) ~ 1.6e-38, the smallest order of magnitude of normal fp32
+# numbers. x86 CPUs compute exp ~50x slower for arguments whose result is denormal or zero (a scalar fallback of the
+# vectorised kernel), and with a teacher temperature of 0.01 most of the [N, K] entries are such arguments. Every
+# exponential here is summed with, or normalised by, a term of at least 1 (the shifted maximum), so a change below
+# 1.7e-38 per term is far below fp32 resolution; targets that were ~0 stay ~0.
+_EXP_FLOOR = -87.0
+
+
+def _exp(values: Tensor) -> Tensor:
+    """``exp`` with arguments clamped at ``_EXP_FLOOR`` (see above)."""
+    return torch.exp(values.clamp_min(_EXP_FLOOR))
+
+
+def _logsumexp_over_prototypes(values: Tensor) -> Tensor:
+    """``torch.logsumexp(values, dim=1, keepdim=True)`` for finite [n, K] values, with the fast exponential."""
+    shift = values.amax(dim=1, keepdim=True)
+    return shift + torch.log(_exp(values - shift).sum(dim=1, keepdim=True))
+
 
 def _global_max_over_samples(values: Tensor) -> Tensor:
     """Maximum over dim 0 and over all ranks of ``values`` [n, K] -> [K]; -inf where no rank has a finite value.
@@ -46,7 +64,7 @@ def distributed_logsumexp_over_samples(values: Tensor) -> Tensor:
     """
     shift = _global_max_over_samples(values)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    shifted_sums = torch.exp(values - shift).sum(dim=0)
+    shifted_sums = _exp(values - shift).sum(dim=0)
     distributed.all_reduce_sum(shifted_sums)
     return (shift + torch.log(shifted_sums)).unsqueeze(0)
 
@@ -110,6 +128,6 @@ def sinkhorn_knopp(
             # Prototype step: each prototype's mass over all samples of all ranks becomes 1 / K.
             log_q = log_q - distributed_logsumexp_over_samples(log_q) - log_num_prototypes
             # Sample step: each sample's mass over the prototypes becomes 1 / N.
-            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_num_samples
+            log_q = log_q - _logsumexp_over_prototypes(log_q) - log_num_samples
         # Final rescaling by N: each sample's target sums to 1.
-        return torch.exp(log_q + log_num_samples)
+        return _exp(log_q + log_num_samples)
