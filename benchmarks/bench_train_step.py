@@ -1,7 +1,7 @@
 """Franca training-step throughput and MFU: the real step (teacher, student, loss, backward, AdamW, EMA) on random crops.
 
     python benchmarks/bench_train_step.py [--configs tiny vit_small] [--batch 2] [--steps 3] [--device cpu]
-                                          [--dtype fp32] [--compile] [--small-heads] [--json OUT]
+                                          [--dtype fp32] [--compile] [--small-heads] [--phases] [--json OUT]
 
 Each preset builds the networks, loss and optimiser exactly as the trainer does (franca.train.ssl_model,
 franca.train.optim, franca.train.ema) and times the same step as ``Trainer.train_step`` on pre-built synthetic
@@ -9,6 +9,9 @@ batches (random crops, CyclicMask masks from franca.ssl.build_mask_batch), so no
 gives the median step time over ``--steps`` steps after ``--warmup`` steps, the throughput, the analytic model FLOPs
 of the step (franca.flops.franca_step_flops, with the batches' real masked-patch counts), the achieved FLOP/s, the
 measured peak matrix-product rate and MFU = achieved / peak. Writes JSON to benchmarks/out/train_step.json.
+``--phases`` also times each phase of the step (schedules, teacher forward, student forward, losses, backward,
+clipping, AdamW, EMA; synchronised between phases on CUDA, which removes their overlap) and prints a second table
+with the median milliseconds of each.
 
 Presets: ``tiny`` is the tiny_cpu config (32/16 px crops x4, 4096 prototypes); ``vit_small``, ``vit_base`` and
 ``vit_large`` use the paper's crops (224/98 px x8) and heads (131072 prototypes for the largest level, 2048 hidden,
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +35,7 @@ from common import (
     peak_memory_mib,
     print_table,
     reset_peak_memory,
+    synchronize,
     timed,
     write_json,
 )
@@ -56,6 +61,26 @@ DEFAULT_BATCH = {
     "cuda": {"tiny": 256, "vit_small": 64, "vit_base": 64, "vit_large": 32},
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PHASES = ("schedules", "teacher", "student", "losses", "backward", "clip", "adamw", "ema")
+
+
+class PhaseClock:
+    """Accumulates the seconds between successive :meth:`lap` calls under phase names (synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, list[float]] = {name: [] for name in PHASES}
+        self._last = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase].append(now - self._last)
+        self._last = now
 
 
 def preset_config(name: str, small_heads: bool) -> TrainConfig:
@@ -137,21 +162,35 @@ class StepRunner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def step(self, batch: TrainBatch) -> None:
-        """Teacher forward, student forward, loss, backward, per-module clip, AdamW step, EMA update."""
+    def step(self, batch: TrainBatch, clock: PhaseClock | None = None) -> None:
+        """Teacher forward, student forward, loss, backward, per-module clip, AdamW step, EMA update.
+
+        With a ``clock``, the time of each phase is recorded under the names of :data:`PHASES`.
+        """
+        lap = clock.lap if clock is not None else lambda phase: None
+        if clock is not None:
+            clock.start()
         schedule = self.schedule
         apply_schedules(self.optimizer, schedule.lr, schedule.weight_decay, schedule.last_layer_lr)
+        lap("schedules")
         with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(batch, teacher=True)
+        lap("teacher")
         with self.autocast():
             student_out = self.student(batch)
+        lap("student")
         losses = self.loss_fn(student_out, teacher_out, batch, schedule.teacher_temp)
+        lap("losses")
         losses.total.backward()
+        lap("backward")
         clip_grad_norm_per_module(self.student.parts(), self.config.optim.clip_grad)
+        lap("clip")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        lap("adamw")
         with torch.no_grad():
             ema_update_(self.ema_pairs[0], self.ema_pairs[1], schedule.teacher_momentum)
+        lap("ema")
 
 
 def _can_compile() -> bool:
@@ -203,6 +242,11 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device, dtype_
             times.append(timed(lambda batch=batch: runner.step(batch), device))
             masked.append(int(batch.masked_indices.numel()))
         row["peak_memory_mib"] = peak_memory_mib(device)
+        if args.phases:  # separate steps: the phase clock's synchronisations must not touch the timings above
+            clock = PhaseClock(device)
+            for index in range(args.steps):
+                runner.step(batches[(args.warmup + index) % len(batches)], clock)
+            row["phase_ms"] = {phase: 1000 * median(values) for phase, values in clock.seconds.items()}
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
         print(f"[{name}] out of GPU memory at batch {batch_size}; lower --batch")
@@ -264,6 +308,9 @@ def main() -> None:
     parser.add_argument(
         "--small-heads", action="store_true", help="8192 prototypes instead of 131072 (S/B/L)"
     )
+    parser.add_argument(
+        "--phases", action="store_true", help="also time each phase of the step (a second table, ms)"
+    )
     parser.add_argument("--json", default="benchmarks/out/train_step.json")
     args = parser.parse_args()  # fmt: skip
 
@@ -302,13 +349,27 @@ def main() -> None:
         ("peak_memory_mib", "peak MiB", ".0f"),
     ]
     print_table(rows, columns)
+    if args.phases:
+        phase_rows = [
+            {
+                "config": row["config"],
+                "batch": row["batch"],
+                **row["phase_ms"],
+                "total": sum(row["phase_ms"].values()),
+            }
+            for row in rows
+            if "phase_ms" in row
+        ]
+        phase_columns = [("config", "config", ""), ("batch", "batch", "d")]
+        phase_columns += [(phase, f"{phase} ms", ".1f") for phase in (*PHASES, "total")]
+        print_table(phase_rows, phase_columns)
     write_json(
         args.json,
         {
             "machine": machine_info(device),
             "peak_dtype": dtype_name,
             "settings": {"steps": args.steps, "warmup": args.warmup, "compile": args.compile,
-                         "small_heads": args.small_heads},
+                         "small_heads": args.small_heads, "phases": args.phases},
             "rows": rows,
         },
     )  # fmt: skip

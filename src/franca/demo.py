@@ -179,9 +179,9 @@ class PhaseLog:
         """Print one progress line with the elapsed time."""
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
+        from franca.progress import ProgressBar
 
-        tqdm.write(f"[demo {format_duration(self.elapsed())}] {message}", file=sys.stdout)
+        ProgressBar.write(f"[demo {format_duration(self.elapsed())}] {message}", file=sys.stdout)
         sys.stdout.flush()
 
     def phase(self, name: str, message: str) -> None:
@@ -334,7 +334,7 @@ def load_split(
 
     ``max_images`` keeps a seeded uniform subset of the split (in path order), e.g. to bound feature extraction.
     """
-    from tqdm.auto import tqdm
+    from franca.progress import ProgressBar
 
     dataset: torch.utils.data.Dataset = _SplitDataset(root, split, size)
     samples = dataset.segmentation.samples
@@ -346,8 +346,8 @@ def load_split(
         dataset, batch_size=256, num_workers=workers, collate_fn=_collate_split, shuffle=False
     )
     images, masks, labels, indices, skipped = [], [], [], [], 0
-    for batch_images, batch_masks, batch_labels, batch_indices, batch_skipped in tqdm(
-        loader, desc=f"load {split}", unit="batch", disable=not progress, leave=False, dynamic_ncols=True
+    for batch_images, batch_masks, batch_labels, batch_indices, batch_skipped in ProgressBar(
+        loader, desc=f"load {split}", unit="batch", disable=not progress, leave=False
     ):
         skipped += batch_skipped
         if batch_images is None:
@@ -695,9 +695,8 @@ def extract_features(
     progress: bool = True,
 ) -> Features:
     """One pass of ``model`` over uint8 images [N, 3, S, S] (ImageNet-normalised here): CLS and patch grid."""
-    from tqdm.auto import tqdm
-
     from franca.eval.common import autocast_context
+    from franca.progress import ProgressBar
 
     model = model.to(device).eval()
     patch_size = int(model.patch_size)
@@ -706,13 +705,12 @@ def extract_features(
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     cls_chunks, patch_chunks = [], []
-    for start in tqdm(
+    for start in ProgressBar(
         range(0, images.shape[0], batch_size),
         desc=description,
         unit="batch",
         disable=not progress,
         leave=False,
-        dynamic_ncols=True,
     ):
         batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
         batch = (batch - mean) / std

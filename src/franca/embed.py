@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
 from franca.errors import ConfigError
 from franca.eval.common import autocast_context
 from franca.models.vision_transformer import DinoVisionTransformer
+from franca.progress import ProgressBar
 
 TOKEN_KINDS = ("cls", "patch", "mean", "patch_rasa")
 
@@ -83,7 +83,7 @@ def embed_images(
     kept: list[int] = []
     with (
         torch.inference_mode(),
-        tqdm(total=len(dataset), unit="img", desc="embed", disable=not progress) as bar,
+        ProgressBar(total=len(dataset), unit="img", desc="embed", disable=not progress) as bar,
     ):
         for batch in loader:
             bar.update(len(batch) + batch.num_skipped)

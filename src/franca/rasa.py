@@ -446,11 +446,11 @@ class _ImageFeatureStream:
         self.loaded = self.skipped = 0
 
     def __call__(self) -> Iterator[tuple[Tensor, Grid]]:
-        from tqdm.auto import tqdm
+        from franca.progress import ProgressBar
 
         total = len(self.loader) if hasattr(self.loader, "__len__") else None
         loaded = skipped = 0
-        bar = tqdm(
+        bar = ProgressBar(
             self.loader, total=total, desc=self.desc, unit="batch", disable=not self.progress, leave=False
         )
         for batch in bar:
@@ -779,7 +779,7 @@ def train_rasa(
     images) from the features after removals 0..t to the positions, i.e. how much linearly decodable absolute
     position is left. MSEs are per coordinate, as the training loss.
     """
-    from tqdm.auto import tqdm
+    from franca.progress import ProgressBar
 
     if iterations < 1 or epochs_per_iteration < 1:
         raise ConfigError("RASA needs iterations >= 1 and epochs per iteration >= 1")
@@ -816,7 +816,7 @@ def train_rasa(
     removed: Tensor | None = None  # float64 [k, D]: bases of the removal steps so far
     steps_per_epoch = train.num_batches(recipe.batch_size)
     if progress:
-        tqdm.write(f"RASA: before removal, closed-form position R^2 {baseline['linear_r2']:.4f}")
+        ProgressBar.write(f"RASA: before removal, closed-form position R^2 {baseline['linear_r2']:.4f}")
     for iteration in range(iterations):
         started = time.perf_counter()
         predictor = nn.Linear(dim, 2, bias=False).to(device)
@@ -826,7 +826,7 @@ def train_rasa(
             optimizer, T_max=max(total_steps, 1), eta_min=0.0
         )
         targets_by_grid: dict[Grid, Tensor] = {}
-        bar = tqdm(
+        bar = ProgressBar(
             total=total_steps,
             desc=f"RASA iteration {iteration + 1}/{iterations}",
             unit="step",
@@ -876,7 +876,7 @@ def train_rasa(
         }
         metrics.append(entry)
         if progress:
-            tqdm.write(
+            ProgressBar.write(
                 f"RASA iteration {iteration + 1}/{iterations}: loss {epoch_loss:.5f}, predictor R^2 "
                 f"{entry['predictor_r2']:.4f}, position R^2 left {entry['linear_r2']:.4f}"
             )

@@ -1019,9 +1019,9 @@ def generate_synthetic_dataset(
     # replaced) as this generator's output, and rewritten with complete=true at the end.
     _write_metadata(info, complete=False)
 
-    from tqdm.auto import tqdm
+    from franca.progress import ProgressBar
 
-    with tqdm(total=len(tasks), desc="synth", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with ProgressBar(total=len(tasks), desc="synth", unit="img", disable=not progress) as bar:
         for done in _iterate_results(tasks, workers):
             bar.update(done)
     (root / "README.txt").write_text(_readme_text(info))

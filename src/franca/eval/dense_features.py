@@ -82,12 +82,11 @@ def iterate_dense_batches(
     ``loader`` yields :class:`franca.data.images.Batch` objects (see ``make_segmentation_loader``); unreadable
     samples are counted by ``counter`` (a :class:`franca.data.images.SkipCounter`) and empty batches skipped.
     """
-    from tqdm.auto import tqdm
-
     from franca.data.images import SkipCounter
+    from franca.progress import ProgressBar
 
     counter = counter if counter is not None else SkipCounter()
-    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+    for batch in ProgressBar(loader, desc=desc, unit="batch", leave=False):
         if not counter.update(batch):
             continue
         images = batch.inputs.to(device, non_blocking=True)

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from franca.errors import ConfigError, DataError
 from franca.eval.common import autocast_context
+from franca.progress import ProgressBar
 
 FEATURE_KINDS: tuple[str, ...] = ("cls", "cls_concat", "avgpool", "avgpool_rasa", "patch", "patch_rasa")
 _RASA_KINDS = ("avgpool_rasa", "patch_rasa")
@@ -133,9 +133,7 @@ def extract_features(
     num_seen = 0
     dataset = getattr(loader, "dataset", None)
     total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-    bar = tqdm(
-        total=total, desc=description, unit="img", disable=not progress, dynamic_ncols=True, leave=False
-    )
+    bar = ProgressBar(total=total, desc=description, unit="img", disable=not progress, leave=False)
     try:
         for batch in loader:
             images, labels, skipped = unpack_batch(batch)

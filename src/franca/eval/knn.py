@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from franca.errors import ConfigError
 from franca.eval.common import (
@@ -29,6 +28,7 @@ from franca.eval.common import (
     seed_everything,
     write_results,
 )
+from franca.progress import ProgressBar
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -151,7 +151,7 @@ def knn_search(
     searcher = ExactSearcher(train_feats, use_faiss, device, train_chunk_size)
     values, indices = [], []
     starts = range(0, test_feats.shape[0], max(1, chunk_size))
-    for start in tqdm(
+    for start in ProgressBar(
         starts, desc=f"k-NN ({searcher.backend})", unit="chunk", disable=not progress, leave=False
     ):
         chunk_values, chunk_indices = searcher.search(test_feats[start : start + chunk_size], k)
@@ -245,7 +245,7 @@ def knn_classify(
     correct = {int(k): {1: 0, 5: 0} for k in ks}
     chunk_size = max(1, int(chunk_size))
     starts = range(0, test_feats.shape[0], chunk_size)
-    for start in tqdm(
+    for start in ProgressBar(
         starts, desc=f"k-NN ({searcher.backend})", unit="chunk", disable=not progress, leave=False
     ):
         sims, indices = searcher.search(test_feats[start : start + chunk_size], max_k)

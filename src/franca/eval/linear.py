@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from franca.errors import ConfigError
 from franca.eval.common import (
@@ -47,6 +46,7 @@ from franca.eval.common import (
 )
 from franca.eval.features import extract_features, forward_kinds, unpack_batch
 from franca.eval.knn import add_dataset_arguments, classification_datasets
+from franca.progress import ProgressBar
 
 DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 DEFAULT_FEATURE_SETS: tuple[str, ...] = ("cls1", "cls4", "cls1+avgpool", "cls4+avgpool")
@@ -380,7 +380,7 @@ def _train_loop(
     steps_per_epoch: int,
     progress: bool,
 ) -> None:
-    bar = tqdm(
+    bar = ProgressBar(
         total=epochs * steps_per_epoch, desc="linear probe", unit="step", disable=not progress, leave=False
     )
     try:

@@ -102,7 +102,7 @@ def train_linear_head(
     ``miou`` (percent), ``per_class_iou`` [C] (fractions, NaN for absent classes), ``pixel_accuracy`` (percent),
     ``train_loss`` (mean per epoch), the trained ``head`` and the resolved hyper-parameters.
     """
-    from tqdm.auto import tqdm
+    from franca.progress import ProgressBar
 
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -127,7 +127,7 @@ def train_linear_head(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total_steps))
 
     losses: list[float] = []
-    bar = tqdm(total=total_steps, desc="linear-seg", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = ProgressBar(total=total_steps, desc="linear-seg", unit="step", disable=not progress)
     for _ in range(epochs):
         head.train()
         order = torch.randperm(num_samples, generator=generator)

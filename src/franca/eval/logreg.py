@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from franca.errors import ConfigError
 from franca.eval.common import (
@@ -38,6 +37,7 @@ from franca.eval.common import (
 )
 from franca.eval.knn import add_dataset_arguments, classification_datasets
 from franca.eval.linear import holdout_split
+from franca.progress import ProgressBar
 
 OFFICIAL_C_COUNT = 45
 C_POWER_RANGE: tuple[float, float] = (-6.0, 5.0)
@@ -175,7 +175,7 @@ def logreg_classify(
     else:
         sweep = [
             sweep_one(c)
-            for c in tqdm(c_values, desc="logreg C sweep", unit="C", disable=not progress, leave=False)
+            for c in ProgressBar(c_values, desc="logreg C sweep", unit="C", disable=not progress, leave=False)
         ]
     best_index = max(range(len(sweep)), key=lambda index: (sweep[index][metric], -index))
     best_c = sweep[best_index]["C"]

@@ -205,11 +205,10 @@ def evaluate_overclustering(
     ignore_index: int = 255,
 ) -> dict[str, Any]:
     """Run the overclustering protocol on the val set; one entry ``k<K>`` per K with mIoU (percent) over seeds."""
-    from tqdm.auto import tqdm
-
     from franca.data.images import SkipCounter
     from franca.eval.dense_features import collect_dense_features
     from franca.eval.segmentation_data import make_segmentation_loader
+    from franca.progress import ProgressBar
 
     if not clusters or min(clusters) < 1:
         raise ConfigError(f"--clusters must be positive numbers (got {list(clusters)})")
@@ -235,7 +234,7 @@ def evaluate_overclustering(
     results: dict[str, Any] = {"protocol": "overcluster"}
     jobs = [(k, seed) for k in clusters for seed in seeds]
     per_k: dict[int, list[dict[str, Any]]] = {k: [] for k in clusters}
-    for k, seed in tqdm(jobs, desc="k-means", unit="run", dynamic_ncols=True, leave=False):
+    for k, seed in ProgressBar(jobs, desc="k-means", unit="run", leave=False):
         k_used = min(k, reduced.shape[0])
         assignment = kmeans_assign(reduced, k_used, seed, niter, nredo, backend_used)
         cluster_maps = torch.from_numpy(assignment).reshape(num_images, rows, cols)

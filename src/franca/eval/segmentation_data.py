@@ -409,10 +409,10 @@ class SegmentationDataset(Dataset):
 
     def infer_num_classes(self) -> int:
         """1 + the largest non-ignored label over all masks (after background removal); reads every mask once."""
-        from tqdm.auto import tqdm
+        from franca.progress import ProgressBar
 
         largest = -1
-        for sample in tqdm(self.samples, desc="scanning masks", unit="mask", leave=False, dynamic_ncols=True):
+        for sample in ProgressBar(self.samples, desc="scanning masks", unit="mask", leave=False):
             try:
                 mask = remap_labels(load_mask(sample.mask), self.ignore_background, self.ignore_index)
             except UnreadableMaskError:

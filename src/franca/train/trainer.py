@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from franca import distributed as dist_utils
 from franca.errors import FrancaError
+from franca.progress import ProgressBar
 from franca.train.checkpointing import (
     export_teacher,
     latest_checkpoint,
@@ -371,13 +371,12 @@ class Trainer:
         last: dict[str, Any] = {}
         checkpoint_path: Path | None = None
         skipped_images = 0
-        bar = tqdm(
+        bar = ProgressBar(
             total=end,
             initial=self.iteration,
             unit="it",
             desc="train",
             disable=not (self.progress and self.is_main),
-            dynamic_ncols=True,
         )
         window_start, window_images = time.perf_counter(), 0
         try:
