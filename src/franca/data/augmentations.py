@@ -20,7 +20,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropAugmentation",
+    "check_blur_sigma",
     "check_color_jitter",
+    "check_probability",
     "eval_transform",
 ]
 
