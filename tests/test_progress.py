@@ -27,12 +27,13 @@ def test_log_file_gets_sparse_redraws() -> None:
     assert not is_interactive(log)
     with ProgressBar(total=5000, file=log, desc="steps") as bar:
         assert bar.mininterval == LOG_MININTERVAL_S
-        for _ in range(5000):
+        for step in range(5000):
             bar.update(1)
+            bar.set_postfix(loss=f"{1 / (step + 1):.5f}")  # tqdm's own set_postfix would redraw every time
     # the initial and the final state only, however fast the updates came (tqdm's default would redraw every 0.1 s)
     states = [part for part in log.getvalue().split("\r") if part.strip()]
     assert 1 <= len(states) <= 3
-    assert "5000/5000" in states[-1]
+    assert "5000/5000" in states[-1] and "loss=0.00020" in states[-1]
 
 
 def test_terminal_keeps_tqdm_default_and_explicit_values_win() -> None:

@@ -4,7 +4,9 @@ Every long loop of the package shows a :class:`ProgressBar` (tqdm with a rate an
 up to ten times a second, as tqdm does. When its stream is not a terminal (``make demo > demo.log``, a SLURM job, CI),
 each redraw would be written into the file, thousands per run; there it redraws at most every
 :data:`LOG_MININTERVAL_S` seconds instead (its first and final states are always written). An explicit
-``mininterval`` wins; ``TQDM_MININTERVAL`` and tqdm's other environment overrides work as usual.
+``mininterval`` wins; ``TQDM_MININTERVAL`` and tqdm's other environment overrides work as usual. ``set_postfix``
+does not force a redraw (tqdm's does, which defeats ``mininterval`` in loops that update the postfix every step); the
+new postfix shows at the next regular one.
 """
 
 from __future__ import annotations
@@ -44,3 +46,7 @@ class ProgressBar(_tqdm):
         ):
             kwargs["mininterval"] = LOG_MININTERVAL_S
         super().__init__(*args, **kwargs)
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = False, **kwargs: Any) -> None:
+        """tqdm's ``set_postfix``, without a forced redraw unless ``refresh=True``."""
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
