@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine_info, median, print_table, synchronize, write_json
+from common import checked_device, machine_info, median, print_table, synchronize, write_json
 from PIL import Image
 
 from franca.train.config import load_config
@@ -133,6 +133,7 @@ def main() -> None:
         help="device of the batched photometric step (crops.augment_on_device)",
     )
     args = parser.parse_args()
+    device = checked_device(args.device)
 
     torch.set_num_threads(1)  # per-core numbers; DataLoader workers run one thread each anyway
     rows: list[dict[str, Any]] = []
@@ -144,7 +145,6 @@ def main() -> None:
         result = augment_throughput(preset, size, n_images, args.repeats, on_device=True)
         rows.append({"what": "crop+flip only (1 thread)", "setting": setting, "workers": None, **result})
         print(f"crop+flip only {setting}: {result['images_per_s']:.1f} images/s on one thread")
-        device = torch.device(args.device)
         result = device_photometric_throughput(preset, size, SETTINGS[setting][3], args.repeats, device)
         rows.append({"what": f"photometric on {device.type}", "setting": setting, "workers": None, **result})
         print(f"photometric on {device.type} {setting}: {result['images_per_s']:.1f} images/s")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import checked_device
 
 from franca.models import build_model
 
@@ -48,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     import timm
 
-    device = torch.device(args.device)
+    device = checked_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     rows = []
     for size in args.sizes:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from common import (
+    checked_device,
     machine_info,
     median,
     peak_memory_mib,
@@ -314,9 +315,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/out/train_step.json")
     args = parser.parse_args()  # fmt: skip
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda asked for, but torch sees no CUDA device")
+    device = checked_device(args.device)
     on_cuda = device.type == "cuda"
     dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
     args.steps = args.steps or (10 if on_cuda else 3)

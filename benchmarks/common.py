@@ -48,6 +48,14 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
+def checked_device(name: str) -> torch.device:
+    """``torch.device(name)``; exits with one line when a CUDA device is asked for and torch sees none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} asked for, but torch sees no CUDA device")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock times cover it (no-op on CPU)."""
     if device.type == "cuda":
