@@ -77,6 +77,7 @@ def test_schedules_from_config() -> None:
         "train.iterations=200",
         "train.batch_size_per_device=16",
         "optim.base_lr=1e-3",
+        "optim.lr_schedule=cosine",  # tiny_cpu holds the peak
         "optim.min_lr=1e-5",
         "optim.warmup_iterations=21",
         "optim.freeze_last_layer_iterations=10",
@@ -130,3 +131,27 @@ def test_negative_index_is_an_error() -> None:
     schedules = Schedules.from_config(load_config("tiny_cpu"))
     with pytest.raises(IndexError):
         schedules[-1]
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_constant_lr_schedule_holds_the_scaled_peak(world_size: int) -> None:
+    overrides = [
+        "train.iterations=100",
+        "train.batch_size_per_device=16",
+        "optim.base_lr=1e-3",
+        "optim.min_lr=1e-6",
+        "optim.lr_schedule=constant",
+        "optim.warmup_iterations=11",
+        "optim.freeze_last_layer_iterations=5",
+    ]
+    schedules = Schedules.from_config(load_config("tiny_cpu", overrides), world_size=world_size)
+    peak = 1e-3 * math.sqrt(16 * world_size / 1024)  # the sqrt rule at this global batch, min_lr ignored
+    assert schedules[0].lr == 0.0 and schedules[5].lr == pytest.approx(peak * 5 / 10)
+    assert np.allclose(schedules.lr[10:], peak, rtol=0, atol=1e-15)
+    assert schedules[100].lr == pytest.approx(peak) and schedules[1000].last_layer_lr == pytest.approx(peak)
+    assert schedules[4].last_layer_lr == 0.0 and schedules[99].last_layer_lr == pytest.approx(peak)
+
+
+def test_unknown_lr_schedule_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="optim.lr_schedule"):
+        load_config("tiny_cpu", ["optim.lr_schedule=linear"])

@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "crops.blur_probabilities": ("effective", "nominal"),
     "loss.centering": ("sinkhorn", "centering"),
     "optim.lr_scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+    "optim.lr_schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.kind": ("auto", "folder", "imagefolder", "filelist", "webdataset"),
     "distributed.strategy": ("ddp", "fsdp"),
@@ -179,12 +180,15 @@ class OptimConfig:
     """AdamW and its schedules (method §4.2). The peak learning rate is ``base_lr`` scaled by ``lr_scaling_rule``.
 
     ``sqrt_wrt_1024``: base_lr * sqrt(global_batch / 1024) (official); ``linear_wrt_256``: base_lr * global_batch / 256;
-    ``none``: base_lr as is. The learning rate warms up linearly from 0 over ``warmup_iterations`` then follows a
-    cosine to ``min_lr``; weight decay and teacher momentum follow cosines over the whole run.
+    ``none``: base_lr as is. The learning rate warms up linearly from 0 over ``warmup_iterations``, then
+    ``lr_schedule`` ``cosine`` (paper) decays it to ``min_lr`` and ``constant`` holds the peak (``min_lr`` unused; for
+    runs far too short to converge, where any decay stops learning early, docs/demo-learning.md section 8). Weight decay
+    and teacher momentum follow cosines over the whole run.
     """
 
     base_lr: float = 7.0711e-4  # 1e-3 at global batch 2048 with sqrt_wrt_1024 (paper, ViT-B)
     lr_scaling_rule: str = "sqrt_wrt_1024"
+    lr_schedule: str = "cosine"
     min_lr: float = 1e-6
     warmup_iterations: int = 100000
     weight_decay_start: float = 0.04

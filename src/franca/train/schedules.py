@@ -89,7 +89,8 @@ class ScheduleValues:
 class Schedules:
     """All per-iteration schedules of a run, as float64 arrays of length ``total_iterations``.
 
-    - ``lr``: linear warm-up from 0 to the scaled peak lr, then cosine to ``optim.min_lr``.
+    - ``lr``: linear warm-up from 0 to the scaled peak lr, then cosine to ``optim.min_lr`` (``optim.lr_schedule``
+      ``cosine``) or the peak held (``constant``).
     - ``weight_decay``: cosine from ``weight_decay_start`` to ``weight_decay_end`` over the whole run.
     - ``teacher_momentum``: cosine from ``teacher_momentum_start`` to ``teacher_momentum_end``.
     - ``teacher_temp``: linear warm-up ``teacher_temp_start`` -> ``teacher_temp`` then constant.
@@ -138,7 +139,8 @@ class Schedules:
             )
         _, global_batch = resolve_batch_sizes(config.train, world_size)
         peak_lr = scaled_lr(optim.base_lr, optim.lr_scaling_rule, global_batch)
-        lr = cosine_schedule(peak_lr, optim.min_lr, total, warmup_iters=optim.warmup_iterations)
+        final_lr = peak_lr if optim.lr_schedule == "constant" else optim.min_lr
+        lr = cosine_schedule(peak_lr, final_lr, total, warmup_iters=optim.warmup_iterations)
         weight_decay = cosine_schedule(optim.weight_decay_start, optim.weight_decay_end, total)
         momentum = cosine_schedule(optim.teacher_momentum_start, optim.teacher_momentum_end, total)
         loss = config.loss
@@ -148,11 +150,11 @@ class Schedules:
         last_layer_lr = lr.copy()
         last_layer_lr[: optim.freeze_last_layer_iterations] = 0.0
         final = ScheduleValues(
-            lr=optim.min_lr,
+            lr=final_lr,
             weight_decay=optim.weight_decay_end,
             teacher_momentum=optim.teacher_momentum_end,
             teacher_temp=loss.teacher_temp,
-            last_layer_lr=optim.min_lr,
+            last_layer_lr=final_lr,
         )
         return cls(lr, weight_decay, momentum, teacher_temp, last_layer_lr, final, peak_lr, global_batch)
 
