@@ -39,8 +39,8 @@ def shard_network(
     """Apply FSDP2 to an :class:`~franca.train.ssl_model.SSLNetwork` in place: blocks, heads, then the root."""
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
     policy = MixedPrecisionPolicy(
-        param_dtype=param_dtype if device.type == "cuda" else None,
-        reduce_dtype=torch.float32 if device.type == "cuda" else None,
+        param_dtype=param_dtype,
+        reduce_dtype=torch.float32 if param_dtype is not None else None,
     )
     for block in network.backbone.blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
@@ -61,13 +61,14 @@ def wrap_for_training(
 ) -> nn.Module:
     """Parallelise the networks for the current process group; returns the module to call for the student forward.
 
-    Without a process group (one process) nothing is wrapped.
+    Without a process group (a plain single process) nothing is wrapped; under ``torchrun`` the strategy applies at
+    every world size, one process included, so that a one-GPU run executes the same code as a cluster run.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(
             f"config key 'distributed.strategy' is {strategy!r}; choose one of {', '.join(STRATEGIES)}"
         )
-    if dist_utils.get_world_size() == 1:
+    if not dist_utils.is_enabled():
         return student
     if strategy == "fsdp":
         shard_network(student, device, param_dtype, reshard_after_forward)

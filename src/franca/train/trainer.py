@@ -73,14 +73,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def init_distributed(backend: str = "auto") -> torch.device:
     """Join the process group described by torchrun's environment (if any) and pick this process's device.
 
-    A process group that already exists (created by the caller) is used as it is.
+    Under ``torchrun`` a group is formed at every world size, one process included, so that
+    ``distributed.strategy`` (DDP or FSDP2 with its mixed-precision policy) applies on one GPU as on many. A process
+    group that already exists (created by the caller) is used as it is.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun (or env://), even with one process
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if world_size > 1 and not dist_utils.is_enabled():
+    if (world_size > 1 or launched) and not dist_utils.is_enabled():
         import torch.distributed as dist
 
         if backend == "auto":
