@@ -55,11 +55,15 @@ def profile(runner: StepRunner, batches: list, steps: int, on_cuda: bool) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(PRESETS), default="vit_large")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (default: bench_train_step's)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="images per step (default: bench_train_step's)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", type=int, default=30, help="rows of the operator table (default %(default)s)")
+    parser.add_argument(
+        "--rows", type=int, default=30, help="rows of the operator table (default %(default)s)"
+    )
     parser.add_argument("--json", default="benchmarks/out/profile_train_step.json")
     args = parser.parse_args()
 
@@ -89,7 +93,13 @@ def main() -> None:
     print_table(waits, columns)
     write_json(
         args.json,
-        {"machine": machine_info(device), "config": args.config, "batch": batch, "steps": args.steps, "rows": rows},
+        {
+            "machine": machine_info(device),
+            "config": args.config,
+            "batch": batch,
+            "steps": args.steps,
+            "rows": rows,
+        },
     )
 
 

@@ -79,7 +79,8 @@ def init_distributed(backend: str = "auto") -> torch.device:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun (or env://), even with one process
+    # torchrun (or any env:// launcher) sets these, also for a single process
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
