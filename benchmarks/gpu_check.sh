@@ -24,7 +24,9 @@
 # after `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #   --platform manylinux2014_x86_64 -d .whl omegaconf==2.4.0` here (and `echo /.whl/ >> .git/info/exclude`).
 # Then record the numbers in benchmarks/RESULTS.md (machine, date, versions), the ones that miss a target too.
-# LOOP_OVERRIDES (extra key=value for both loop runs) and PYTHON let the script be tried on a CPU with a tiny model.
+# LOOP_OVERRIDES (extra key=value for both loop runs) and PYTHON let the script be tried on a CPU with a tiny model;
+# GPU_STEPS="train_step profile ..." runs only the named steps (a re-measurement after a fix);
+# DEMO_MINUTES sets the demo's training budget (default 1.5).
 set -uo pipefail
 
 out=${OUT:-benchmarks/out/gpu}
@@ -46,6 +48,9 @@ elapsed() { echo $(($(date +%s) - started)); }
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the deadline), everything into the log
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${GPU_STEPS:-} && " $GPU_STEPS " != *" $name "* ]]; then
+        return
+    fi
     local left=$((deadline - $(elapsed)))
     if ((left < 20)); then
         echo "=== $name: skipped, ${left}s left before the deadline" | tee -a "$log"
@@ -87,7 +92,7 @@ cp "$scratch/loop/metrics.jsonl" "$out/loop_metrics.jsonl" 2>/dev/null
 ls -la "$scratch/loop" "$scratch/loop/checkpoints" >>"$log" 2>&1
 step inference 60 "$python" benchmarks/bench_inference.py --device cuda --arch vit_large --batch 64 \
     --repeats 10 --out "$out/inference.json"
-step demo 150 "$python" -m franca demo --device cuda --output-dir "$scratch/demo" --time-budget-min 1.5 --no-progress
+step demo 150 "$python" -m franca demo --device cuda --output-dir "$scratch/demo" --time-budget-min ${DEMO_MINUTES:-1.5} --no-progress
 cp "$scratch/demo/metrics.json" "$out/demo_metrics.json" 2>/dev/null
 step augment 40 "$python" benchmarks/bench_augment.py --device cuda --workers 0 --json "$out/augment.json"
 step train_step_compiled 120 "$python" benchmarks/bench_train_step.py --device cuda --configs vit_large --compile \

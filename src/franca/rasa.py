@@ -67,11 +67,12 @@ Grid = tuple[int, int]
 def _removal_basis(weight: Tensor) -> Tensor:
     """Orthonormal rows [k, D] (k = 2, or 1 when the two rows are parallel) spanning the plane removed by ``weight``.
 
-    Computed in float64: u_r = r/|r|, u_c = normalise(c/|c| - <c/|c|, u_r> u_r).
+    Computed in float64 on the CPU, whatever the weight's device (every basis of a run is kept and combined there):
+    u_r = r/|r|, u_c = normalise(c/|c| - <c/|c|, u_r> u_r).
     """
     if weight.ndim != 2 or weight.shape[0] != 2:
         raise ValueError(f"a RASA step weight must have shape [2, D], got {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to("cpu", torch.float64)
     if not torch.isfinite(w).all():
         raise ValueError("a RASA step weight contains NaN or infinite values")
     row, col = w[0], w[1]
@@ -858,7 +859,7 @@ def train_rasa(
             w64 = weight.double().cpu()
             step_weight = (w64 - (w64 @ removed.T) @ removed).float().to(weight.device)
         basis = _removal_basis(step_weight)  # float64 [2, D]
-        removed = basis if removed is None else torch.cat([removed, basis.cpu()])
+        removed = basis if removed is None else torch.cat([removed, basis])
         evaluator = _evaluate(
             metric_source, recipe.batch_size, device, dim, weight, basis.to(device, torch.float32)
         )

@@ -53,7 +53,8 @@ def test_dino_and_ibot_variants_agree() -> None:
     dino = official_sinkhorn(logits, 0.1, 3, ibot_variant=False)
     ibot = official_sinkhorn(logits, 0.1, 3, ibot_variant=True)
     torch.testing.assert_close(dino, ibot)
-    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3, n_samples=torch.tensor(10)).double(), ibot)
+    got = sinkhorn_knopp(logits, 0.1, 3, n_samples=torch.tensor(10)).double()
+    torch.testing.assert_close(got, ibot, rtol=1e-4, atol=1e-6)  # fp32 against float64, as the tests above
 
 
 def test_n_samples_does_not_change_the_result() -> None:

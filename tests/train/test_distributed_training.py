@@ -159,17 +159,20 @@ def test_ddp_and_fsdp_steps_equal_the_single_process_step(tmp_path: Path) -> Non
                 atol=1e-2 * part_scale[name.split(".")[0]],
                 msg=f"{strategy} gradient of {name}",
             )
-        # after the AdamW step and the EMA: equal up to the sign-like sensitivity of Adam's first step on
-        # near-zero gradient entries (a small fraction of the step size)
+        # after the AdamW step and the EMA. Adam's first step is lr * g / (|g| + eps) with eps = 1e-8: ~lr * sign(g)
+        # where |g| >> eps, but where |g| is comparable to eps a rounding-level change of g moves it by a sizeable
+        # fraction of lr (measured: a bias gradient of -2.9e-9 in one process and -6.7e-9 over two ranks, 0.3 % of
+        # its module's scale, moved that entry's update by 0.18 lr). Entries with |g| > 100 eps must agree to 0.1 lr;
+        # the others only within Adam's bound on the step (|update| <= lr in both runs).
         for key, value in expected_student.items():
             assert float((value - initial[key]).abs().max()) <= 1.01 * lr + 1e-6  # Adam's first step is ~lr
-            torch.testing.assert_close(
-                results[strategy]["student"][key],
-                value,
-                rtol=0,
-                atol=0.1 * lr,
-                msg=f"{strategy} student {key}",
+            diff = (results[strategy]["student"][key] - value).abs()
+            stable = (
+                expected_grads[key].abs() > 1e-6 if key in expected_grads else torch.ones_like(diff).bool()
             )
+            if stable.any():
+                assert float(diff[stable].amax()) <= 0.1 * lr, f"{strategy} student {key}"
+            assert float(diff.max()) <= 2.02 * lr, f"{strategy} student {key}"
         for key, value in expected_teacher.items():
             torch.testing.assert_close(
                 results[strategy]["teacher"][key],

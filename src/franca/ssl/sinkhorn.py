@@ -6,10 +6,23 @@ and a sample step (divide each sample column by its sum, then by N); it finally 
 every sample's target sums to 1. It exponentiates the raw logits without subtracting a maximum, which overflows
 once ``logits / tau`` exceeds ~88 in fp32 (easy with the unnormalised Matryoshka bottleneck).
 
-This module performs the same steps on ``log Q``: a division becomes a subtraction of a log-sum-exp, and the
-distributed sums over samples become a max-shifted log-sum-exp whose maximum and shifted sums are combined over
-ranks. The result equals the official one wherever the official one is finite, and stays finite for any finite
-logits.
+This module computes the same result without overflow and with few passes over the [N, K] matrix (for the paper's
+iBOT head, N ~ 6000 masked patches and K ~ 254K prototypes over the levels: ~6 GB in fp32, so the number of passes is
+the cost of the step on a GPU):
+
+1. The first iteration runs in the log domain. The prototype step is a per-column log-sum-exp over the samples of all
+   ranks (shifted by the column maximum, so nothing overflows); the sample step is a per-row log-sum-exp, again
+   shifted by the row maximum. After it, ``E = exp(log Q - row max)`` has a largest entry of 1 in every row and a
+   column sum of at least 1/K in every column, so no row or column of ``E`` is lost to underflow (entries that do
+   underflow are below e^-87 of their row's largest).
+2. The remaining iterations only rescale rows and columns, so they keep ``E`` and two scaling vectors ``a`` (rows)
+   and ``b`` (columns): ``Q = diag(a) E diag(b)``. A prototype step is one matrix-vector product (``b = 1 / (K E^T
+   a)``, summed over ranks), a sample step another (``a = 1 / (N E b)``): one read of ``E`` each instead of the
+   several passes of a log-sum-exp.
+3. The targets ``N a_i E_ik b_k`` are written once, into ``E``'s storage.
+
+The result equals the official one wherever the official one is finite (tests compare it with a float64 transcription),
+and stays finite for any finite logits.
 """
 
 from __future__ import annotations
@@ -31,15 +44,12 @@ __all__ = ["distributed_logsumexp_over_samples", "sinkhorn_knopp"]
 _EXP_FLOOR = -87.0
 
 
-def _exp(values: Tensor) -> Tensor:
-    """``exp`` with arguments clamped at ``_EXP_FLOOR`` (see above)."""
-    return torch.exp(values.clamp_min(_EXP_FLOOR))
-
-
-def _logsumexp_over_prototypes(values: Tensor) -> Tensor:
-    """``torch.logsumexp(values, dim=1, keepdim=True)`` for finite [n, K] values, with the fast exponential."""
-    shift = values.amax(dim=1, keepdim=True)
-    return shift + torch.log(_exp(values - shift).sum(dim=1, keepdim=True))
+def _exp_(values: Tensor) -> Tensor:
+    """``exp`` in place, arguments clamped at ``_EXP_FLOOR`` on the CPU only (see above; on a GPU the clamp would
+    be one more pass over the matrix and buys nothing)."""
+    if values.device.type == "cpu":
+        values.clamp_min_(_EXP_FLOOR)
+    return values.exp_()
 
 
 def _global_max_over_samples(values: Tensor) -> Tensor:
@@ -64,7 +74,7 @@ def distributed_logsumexp_over_samples(values: Tensor) -> Tensor:
     """
     shift = _global_max_over_samples(values)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    shifted_sums = _exp(values - shift).sum(dim=0)
+    shifted_sums = _exp_(values - shift).sum(dim=0)
     distributed.all_reduce_sum(shifted_sums)
     return (shift + torch.log(shifted_sums)).unsqueeze(0)
 
@@ -112,22 +122,44 @@ def sinkhorn_knopp(
     if temperature <= 0:
         raise ValueError(f"sinkhorn_knopp needs a positive temperature, got {temperature}")
 
-    device = teacher_logits.device
-    num_prototypes = teacher_logits.shape[1]
-    with torch.autocast(device_type=device.type, enabled=False):
-        log_q = teacher_logits.float() / temperature
+    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+        logits = teacher_logits.float() / temperature
         if n_samples is None:
-            total = torch.tensor(float(teacher_logits.shape[0]), device=device)
+            total = torch.tensor(float(logits.shape[0]), device=logits.device)
             distributed.all_reduce_sum(total)
         else:
-            total = torch.as_tensor(n_samples, dtype=torch.float32, device=device).reshape(())
-        log_num_samples = torch.log(total)
-        log_num_prototypes = math.log(num_prototypes)
+            total = torch.as_tensor(n_samples, dtype=torch.float32, device=logits.device).reshape(())
+        num_prototypes = logits.shape[1]
+        # iteration 1 in the log domain; then E (rows with a largest entry of 1) and row scaling a = 1 / (N sum_k E)
+        scaled = _first_iteration(logits, num_prototypes)
+        del logits
+        row_scale = 1.0 / (total * scaled.sum(dim=1))
+        column_scale = None
+        for _ in range(n_iterations - 1):
+            column_sums = (
+                torch.mv(scaled.t(), row_scale) if scaled.shape[0] else scaled.new_zeros(num_prototypes)
+            )
+            distributed.all_reduce_sum(column_sums)
+            column_scale = 1.0 / (num_prototypes * column_sums)
+            row_scale = 1.0 / (total * torch.mv(scaled, column_scale))
+        # targets N a_i E_ik b_k, written over E
+        if column_scale is not None:
+            scaled.mul_(column_scale)
+        return scaled.mul_((total * row_scale).unsqueeze(1))
 
-        for _ in range(n_iterations):
-            # Prototype step: each prototype's mass over all samples of all ranks becomes 1 / K.
-            log_q = log_q - distributed_logsumexp_over_samples(log_q) - log_num_prototypes
-            # Sample step: each sample's mass over the prototypes becomes 1 / N.
-            log_q = log_q - _logsumexp_over_prototypes(log_q) - log_num_samples
-        # Final rescaling by N: each sample's target sums to 1.
-        return _exp(log_q + log_num_samples)
+
+def _first_iteration(logits: Tensor, num_prototypes: int) -> Tensor:
+    """One prototype step and one sample step on ``log Q = logits`` [n, K] (fp32), in the log domain.
+
+    Returns ``E = exp(log Q_1 - row max)`` [n, K], where ``log Q_1`` is log Q after the two steps up to a per-row
+    constant (the sample step's own normalisation is left to the caller, which needs the row sums anyway). Writes into
+    ``logits``.
+    """
+    # prototype step: log Q - log sum_i exp(log Q_ik) (over every rank) - log K
+    column_lse = distributed_logsumexp_over_samples(logits)
+    logits.sub_(column_lse + math.log(num_prototypes))
+    if logits.shape[0] == 0:
+        return logits
+    # sample step, up to the per-row constant: shift each row by its maximum and exponentiate
+    logits.sub_(logits.amax(dim=1, keepdim=True))
+    return _exp_(logits)
