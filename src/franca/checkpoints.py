@@ -7,7 +7,8 @@
 2. the later backbone-only release files (flat keys);
 3. official DINOv2 files (flat keys, ``mlp`` or ``swiglu`` FFN, with or without registers);
 4. this project's exports (safetensors with the architecture in the metadata, see :func:`save_backbone`) and its
-   training checkpoints (whose ``teacher`` entry has the official layout).
+   training checkpoints (whose ``teacher`` entry has the official layout): single files, and the sharded
+   ``torch.distributed.checkpoint`` folders of FSDP runs (only the teacher's tensors are read from those).
 
 Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``). Every problem is reported as
 one :class:`~franca.errors.CheckpointError` line that names the file.
@@ -20,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -42,6 +44,7 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 StateDict = dict[str, Tensor]
+DCP_METADATA = ".metadata"  # the file that makes a folder a complete torch.distributed.checkpoint
 
 
 def _describe(source: Any) -> str:
@@ -60,6 +63,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
             f"{path}: no such file; give the path of a .pth, .pt or .safetensors checkpoint"
         )
     if path.is_dir():
+        if is_sharded_checkpoint(path):
+            return _unwrap(read_sharded_checkpoint(path, keys=("teacher",)), path), {}
         raise CheckpointError(f"{path}: is a directory; give the checkpoint file inside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; download or export it again")
@@ -92,6 +97,57 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
             f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({reason})"
         ) from None
     return _unwrap(obj, path), metadata
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete ``torch.distributed.checkpoint`` folder (one shard file per rank + metadata)."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file()
+
+
+def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The nested state dict saved in a ``torch.distributed.checkpoint`` folder, consolidated in this process.
+
+    ``keys`` limits the read to some top-level entries (``("teacher",)`` reads a tenth of a training checkpoint).
+    Runs without collectives, so one process may call it inside a distributed job.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:
+        planner = _EmptyStateDictLoadPlanner(keys=set(keys) if keys else None)
+    except TypeError:  # torch < 2.5: no key filter, read everything
+        planner = _EmptyStateDictLoadPlanner()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # the private loader that torch's own dcp_to_torch_save uses: the public load() fills a copy of the
+            # (empty) dict it is given, and would run collectives inside a distributed job
+            _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    except Exception as error:  # noqa: BLE001 - DCP wraps reader failures in several types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({reason})") from None
+    return state
+
+
+def dcp_load(state: dict[str, Any], source: Any, planner: Any = None) -> None:
+    """``torch.distributed.checkpoint.load`` into ``state`` (in place) from a folder path or a storage reader.
+
+    With a process group, every rank must call it (the ranks plan the reads together); without one it reads in this
+    process alone.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(str(source)) if isinstance(source, (str, os.PathLike)) else source
+    if dist.is_available() and dist.is_initialized():
+        load(state, storage_reader=reader, planner=planner)
+        return
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        load(state, storage_reader=reader, planner=planner)
 
 
 def _looks_like_safetensors(path: Path) -> bool:

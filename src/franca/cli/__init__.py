@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "embed": "turn a folder of images into features with a backbone checkpoint",
     "data": "make data sets (the procedural synthetic data set)",
     "train": "pretrain with the Franca method",
+    "checkpoint": "convert training checkpoints between sharded folders and single files",
     "eval": "evaluate a backbone (k-NN, linear probe, segmentation, ...)",
     "rasa": "train a RASA head that removes absolute position from patch features",
     "demo": "pretrain, evaluate and report on the synthetic data set",

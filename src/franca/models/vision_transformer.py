@@ -94,7 +94,7 @@ class DinoVisionTransformer(nn.Module):
         if config.drop_path_uniform:
             rates = [config.drop_path_rate] * config.depth
         else:
-            rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+            rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 dim,

@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.kind": ("auto", "folder", "imagefolder", "filelist", "webdataset"),
     "distributed.strategy": ("ddp", "fsdp"),
+    "train.checkpoint_format": ("auto", "single", "sharded"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
 
@@ -224,6 +225,10 @@ class RunConfig:
     checkpoint_every: int = 12500
     log_every: int = 20
     keep_last: int = 3
+    # single: one consolidated file per checkpoint, gathered on rank 0; sharded: a torch.distributed.checkpoint
+    # folder that every rank writes its shards into; auto: sharded when the networks are sharded (FSDP)
+    checkpoint_format: str = "auto"
+    checkpoint_async: bool = False  # sharded only: write in a background thread while training goes on
     max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a non-finite loss
     tensorboard: bool = (
         False  # also write TensorBoard events to <run>/tensorboard (needs the tensorboard extra)

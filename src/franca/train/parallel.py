@@ -5,8 +5,9 @@
   teacher is sharded like the student so that the EMA update is a local, shard-by-shard operation). On CUDA the
   parameters are gathered in bf16 and gradients reduced in fp32.
 
-Checkpoints always hold *full* (consolidated) state dicts, keyed by parameter names, so a run saved on N ranks resumes
-on M ranks with either strategy.
+State dicts are keyed by parameter names in two forms: *full* (consolidated on the CPU: single-file checkpoints, the
+exports) and *sharded* (each rank's DTensor shards, for ``torch.distributed.checkpoint``, which reshards on load).
+Either way a run saved on N ranks resumes on M ranks with either strategy.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def wrap_for_training(
         return student
     if strategy == "fsdp":
         shard_network(student, device, param_dtype, reshard_after_forward)
-        shard_network(teacher, device, param_dtype, reshard_after_forward)
+        # The teacher has no backward, which is where FSDP2 reshards modules kept gathered after forward: it must
+        # reshard after every forward, or its next forward reuses the parameters gathered before the EMA update.
+        shard_network(teacher, device, param_dtype, reshard_after_forward=True)
         return student
     from torch.nn.parallel import DistributedDataParallel
 
@@ -129,3 +132,37 @@ def load_full_optimizer_state(
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True))
+
+
+def sharded_model_state(module: nn.Module) -> dict[str, Tensor]:
+    """The state dict as this rank holds it: DTensor shards under FSDP, the live tensors otherwise (no copy)."""
+    if not is_sharded(module):
+        return dict(module.state_dict())
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module)
+
+
+def load_sharded_model_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a :func:`sharded_model_state`-shaped dict (after ``torch.distributed.checkpoint`` filled it)."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state)
+
+
+def sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter names, with each rank's shards (states are created if empty)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer)
+
+
+def load_sharded_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state)

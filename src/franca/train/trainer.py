@@ -21,15 +21,19 @@ from typing import Any
 import torch
 
 from franca import distributed as dist_utils
+from franca.checkpoints import dcp_load, is_sharded_checkpoint
 from franca.errors import FrancaError
 from franca.progress import ProgressBar
 from franca.train.checkpointing import (
+    ShardedCheckpointWriter,
     export_teacher,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     official_teacher_state,
+    remove_stale_temporaries,
     save_checkpoint,
+    use_sharded_checkpoints,
 )
 from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes, save_config
 from franca.train.data import build_device_augmentation, build_train_loader, derived_seed
@@ -38,9 +42,14 @@ from franca.train.optim import apply_schedules, build_optimizer, build_param_gro
 from franca.train.parallel import (
     full_model_state,
     full_optimizer_state,
+    is_sharded,
     load_full_model_state,
     load_full_optimizer_state,
+    load_sharded_model_state,
+    load_sharded_optimizer_state,
     local_tensor,
+    sharded_model_state,
+    sharded_optimizer_state,
     wrap_for_training,
 )
 from franca.train.schedules import Schedules
@@ -107,6 +116,30 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _gathered_rng_states(device: torch.device) -> dict[str, dict[str, Any]]:
+    """Every rank's :func:`_rng_state`, keyed ``rank<r>`` (a collective; each rank gets them all)."""
+    state = _rng_state(device)
+    if not dist_utils.is_enabled() or dist_utils.get_world_size() == 1:
+        return {f"rank{dist_utils.get_rank()}": state}
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist_utils.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return {f"rank{rank}": rank_state for rank, rank_state in enumerate(gathered)}
+
+
+def _native_teacher_state(official: dict[str, Any]) -> dict[str, Any]:
+    """The teacher state under the module's own names (the heads' weight-norm parametrisation) from the official
+    layout of checkpoints (``weight_g``/``weight_v``)."""
+    state = {}
+    for key, value in official.items():
+        if key.startswith(("dino_head.", "ibot_head.")):
+            key = key.replace("weight_g", "parametrizations.weight.original0")
+            key = key.replace("weight_v", "parametrizations.weight.original1")
+        state[key] = value
+    return state
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
@@ -156,12 +189,17 @@ class Trainer:
             n_blocks=self.student.backbone.n_blocks,
         )
         self.optimizer = build_optimizer(self.param_groups, config.optim.adamw_betas, self.device.type)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self.schedules = Schedules.from_config(config, self.world_size)
         teacher_params, student_params = pair_parameters(self.teacher, self.student)
         self.ema_pairs = (
             [local_tensor(p) for p in teacher_params],
             [local_tensor(p) for p in student_params],
+        )
+        self.checkpoint_writer = (
+            ShardedCheckpointWriter(self.output_dir, config.train.keep_last, config.train.checkpoint_async)
+            if use_sharded_checkpoints(config.train.checkpoint_format, is_sharded(self.student))
+            else None
         )
         self.device_augment = build_device_augmentation(config) if config.crops.augment_on_device else None
         self.iteration = 0
@@ -190,40 +228,76 @@ class Trainer:
             "loss": {k: v.detach().cpu() for k, v in self.loss_fn.state_dict().items()},
             "optimizer": full_optimizer_state(self.student, self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(self.device),
+            "rng_per_rank": _gathered_rng_states(self.device),
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "world_size": self.world_size,
             "config": config_to_dict(self.config),
         }
 
+    def sharded_state_dict(self, with_rng: bool = True) -> dict[str, Any]:
+        """The training state with this rank's shards (DTensors under FSDP), laid out like :meth:`state_dict`.
+
+        What ``torch.distributed.checkpoint`` saves (every rank its shards) and loads in place (resharding to this
+        world size). Each rank's random state goes under its own key; ``with_rng=False`` leaves them out (a resume
+        on another world size, where they do not apply).
+        """
+        state: dict[str, Any] = {
+            "iteration": self.iteration,
+            "student": sharded_model_state(self.student),
+            "teacher": official_teacher_state(sharded_model_state(self.teacher)),
+            "loss": dict(self.loss_fn.state_dict()),
+            "optimizer": sharded_optimizer_state(self.student, self.optimizer),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "world_size": self.world_size,
+            "config": config_to_dict(self.config),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if with_rng:
+            state["rng_per_rank"] = {f"rank{self.rank}": _rng_state(self.device)}
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, whatever the world size and strategy it was saved with."""
         load_full_model_state(self.student, state["student"])
-        teacher_state = {}
-        for key, value in state["teacher"].items():
-            if key.startswith(("dino_head.", "ibot_head.")):
-                key = key.replace("weight_g", "parametrizations.weight.original0")
-                key = key.replace("weight_v", "parametrizations.weight.original1")
-            teacher_state[key] = value
-        load_full_model_state(self.teacher, teacher_state)
-        self.loss_fn.load_state_dict(state["loss"])
+        load_full_model_state(self.teacher, _native_teacher_state(state["teacher"]))
+        self.loss_fn.load_state_dict(state.get("loss", {}))  # a consolidated folder has no entry when empty
         load_full_optimizer_state(self.student, self.optimizer, state["optimizer"])
+        self._restore_counters_and_rng(state)
+
+    def _restore_counters_and_rng(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
-        rng = state.get("rng")
+        rng = state.get("rng_per_rank", {}).get(f"rank{self.rank}", state.get("rng"))  # "rng": older files
         if rng is not None and int(state.get("world_size", 1)) == self.world_size:
             _set_rng_state(rng, self.device)
         else:  # another world size: the data order stays exact, the model randomness is re-seeded per rank
             torch.manual_seed(self.config.train.seed + 1 + self.rank + 1000 * self.iteration)
+
+    def load_sharded_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a sharded checkpoint folder in place: each rank reads only the slices it holds (any world size)."""
+        info: dict[str, Any] = {"iteration": 0, "world_size": 0}
+        dcp_load(info, path)  # the saved world size decides whether the per-rank random states apply
+        state = self.sharded_state_dict(with_rng=int(info["world_size"]) == self.world_size)
+        state.pop("config")
+        dcp_load(state, path)
+        load_sharded_model_state(self.student, state["student"])
+        load_sharded_model_state(self.teacher, _native_teacher_state(state["teacher"]))
+        self.loss_fn.load_state_dict(state["loss"])
+        load_sharded_optimizer_state(self.student, self.optimizer, state["optimizer"])
+        self._restore_counters_and_rng(state)
 
     def resume(self) -> Path | None:
         """Load the newest checkpoint of the run directory, if any; returns its path."""
         path = latest_checkpoint(self.output_dir)
         if path is None:
             return None
-        self.load_state_dict(load_checkpoint(path))
+        if is_sharded_checkpoint(path):
+            self.load_sharded_checkpoint(path)
+        else:
+            self.load_state_dict(load_checkpoint(path))
         self._checkpointed_iteration = self.iteration
         return path
 
@@ -250,10 +324,6 @@ class Trainer:
             batch = self.device_augment(batch, generator)
         with torch.no_grad(), self.autocast():
             teacher_out = self.teacher(batch, teacher=True)
-        if hasattr(
-            self.teacher, "reshard"
-        ):  # FSDP2 keeps the root gathered after forward; the EMA updates shards
-            self.teacher.reshard()
         with self.autocast():
             student_out = self.student_forward(batch)
         losses = self.loss_fn(student_out, teacher_out, batch, schedule.teacher_temp)
@@ -321,11 +391,20 @@ class Trainer:
         os.replace(tmp, path)
 
     def _save(self) -> Path | None:
-        state = self.state_dict()  # a collective under FSDP: every rank takes part
+        """Write the checkpoint of this iteration and the teacher exports (every rank takes part)."""
         path = None
+        if (
+            self.checkpoint_writer is not None
+        ):  # every rank writes its shards; the exports need the full teacher
+            path = self.checkpoint_writer.save(self.iteration, self.sharded_state_dict())
+            teacher = official_teacher_state(full_model_state(self.teacher))
+        else:
+            state = self.state_dict()  # consolidated on every rank's CPU (a collective under FSDP)
+            teacher = state["teacher"]
+            if self.is_main:
+                path = save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
         if self.is_main:
-            path = save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
-            export_teacher(self.output_dir, state["teacher"], self.teacher.backbone.config, self.iteration)
+            export_teacher(self.output_dir, teacher, self.teacher.backbone.config, self.iteration)
         dist_utils.barrier()
         self._checkpointed_iteration = self.iteration
         return path
@@ -349,6 +428,8 @@ class Trainer:
         end = total if stop_at is None else min(stop_at, total)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.output_dir):
+                print(f"removed {stale}, left by an interrupted save")
         dist_utils.barrier()
         resumed = None if self._state_is_latest_checkpoint() else self.resume()
         if self.is_main:
@@ -438,6 +519,10 @@ class Trainer:
                     )
                 if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
                     checkpoint_path = self._save()
+            if (
+                self.checkpoint_writer is not None
+            ):  # publish a checkpoint still being written in the background
+                self.checkpoint_writer.wait()
             if self.iteration < total:  # a staged run: the next fit() continues with these workers
                 self._data_iterator = (self.iteration, data_iter)
         finally:
