@@ -245,7 +245,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if is_sharded_checkpoint(path):
         return read_sharded_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: each rank pages in only what it copies into its shards, not a private copy of the whole state
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - any failure means the file cannot be resumed from
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot resume from this training checkpoint ({reason})") from None
