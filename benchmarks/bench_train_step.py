@@ -46,6 +46,7 @@ from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import TrainConfig, load_config
 from franca.train.ema import ema_update_, pair_parameters
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
+from franca.train.parallel import parallelize
 from franca.train.schedules import Schedules
 from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
 
@@ -137,12 +138,16 @@ class StepRunner:
         self.student, self.teacher = build_student_teacher(config)
         self.student.to(self.device).train()
         self.teacher.to(self.device).eval()
-        if config.train.activation_checkpointing:
-            self.student.backbone.set_grad_checkpointing(True)
-        if self.compiled:  # as the trainer: each block's forward (which also takes the multi-crop lists)
-            for network in (self.student, self.teacher):
-                for block in network.backbone.blocks:
-                    block.compile()
+        # as the trainer (one process: no data-parallel wrapper)
+        parallelize(
+            self.student,
+            self.teacher,
+            "ddp",
+            self.device,
+            self.autocast_dtype,
+            activation_checkpointing=config.train.activation_checkpointing,
+            compile_blocks=self.compiled,
+        )
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)

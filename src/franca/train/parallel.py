@@ -37,19 +37,54 @@ def shard_network(
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool = False,
 ) -> nn.Module:
-    """Apply FSDP2 to an :class:`~franca.train.ssl_model.SSLNetwork` in place: blocks, heads, then the root."""
+    """Apply FSDP2 to an :class:`~franca.train.ssl_model.SSLNetwork` in place: blocks, heads, then the root.
+
+    Each block asks FSDP2 to gather the next block's parameters while it computes (and, in the backward, the
+    previous block's), so that the all-gathers overlap compute instead of waiting for it.
+    """
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
     policy = MixedPrecisionPolicy(
         param_dtype=param_dtype,
         reduce_dtype=torch.float32 if param_dtype is not None else None,
     )
-    for block in network.backbone.blocks:
+    blocks = list(network.backbone.blocks)
+    for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(network.dino_head, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     if network.ibot_head is not network.dino_head:
         fully_shard(network.ibot_head, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(network, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if hasattr(blocks[0], "set_modules_to_forward_prefetch"):  # torch >= 2.5 (explicit prefetching)
+        for previous, block in zip(blocks, blocks[1:]):
+            previous.set_modules_to_forward_prefetch([block])
+            block.set_modules_to_backward_prefetch([previous])
     return network
+
+
+def parallelize(
+    student: nn.Module,
+    teacher: nn.Module,
+    strategy: str,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = False,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+) -> nn.Module:
+    """Prepare both networks for training, in DINOv3's order; returns the module to call for the student forward.
+
+    1. activation checkpointing of the student's blocks (recomputed in the backward instead of stored);
+    2. ``torch.compile`` of every block of both networks (each block's forward, which also takes the multi-crop
+       lists), before sharding so that FSDP2's hooks stay outside the compiled graphs;
+    3. data parallelism: FSDP2 per block and head with prefetching, or DDP (see :func:`wrap_for_training`).
+    """
+    if activation_checkpointing:
+        student.backbone.set_grad_checkpointing(True)
+    if compile_blocks:
+        for network in (student, teacher):
+            for block in network.backbone.blocks:
+                block.compile()
+    return wrap_for_training(student, teacher, strategy, device, param_dtype, reshard_after_forward)
 
 
 def wrap_for_training(

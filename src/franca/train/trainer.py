@@ -48,9 +48,9 @@ from franca.train.parallel import (
     load_sharded_model_state,
     load_sharded_optimizer_state,
     local_tensor,
+    parallelize,
     sharded_model_state,
     sharded_optimizer_state,
-    wrap_for_training,
 )
 from franca.train.schedules import Schedules
 from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
@@ -165,22 +165,18 @@ class Trainer:
         self.student, self.teacher = build_student_teacher(config)
         self.student.to(self.device)
         self.teacher.to(self.device)
-        if config.train.activation_checkpointing:
-            self.student.backbone.set_grad_checkpointing(True)
-        if config.train.compile:  # per block, before sharding (DINOv3's order: checkpointing, compile, FSDP)
-            for network in (self.student, self.teacher):
-                for block in network.backbone.blocks:
-                    block.compile()  # forward handles the list (multi-crop) inputs too
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)
-        self.student_forward = wrap_for_training(
+        self.student_forward = parallelize(
             self.student,
             self.teacher,
             config.distributed.strategy,
             self.device,
             self.autocast_dtype,
-            config.distributed.fsdp_reshard_after_forward,
+            reshard_after_forward=config.distributed.fsdp_reshard_after_forward,
+            activation_checkpointing=config.train.activation_checkpointing,
+            compile_blocks=config.train.compile,
         )
         self.param_groups = build_param_groups(
             self.student.parts(),
