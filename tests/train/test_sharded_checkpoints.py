@@ -6,10 +6,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+# the tiny model of the trainer's tests (pytest puts this folder on sys.path: tests/ has no __init__.py); the images
+# are conftest.py's image_dir
+from test_trainer import TINY
 
 from franca.checkpoints import is_sharded_checkpoint, load_backbone
 from franca.cli import main as cli_main
@@ -23,41 +25,12 @@ from franca.train.checkpointing import (
 from franca.train.config import load_config
 from franca.train.trainer import Trainer, train
 
-TINY = [
-    "model.embed_dim=64",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.patch_size=8",
-    "model.img_size=32",
+RUN = [
     "model.drop_path_rate=0.2",  # stochastic depth: the resumed random state matters
-    "heads.n_prototypes=128",
-    "heads.hidden_dim=64",
-    "heads.bottleneck_dim=32",
-    "crops.global_size=32",
-    "crops.local_size=16",
-    "crops.n_local=2",
-    "train.batch_size_per_device=8",
-    "train.num_workers=0",
-    "train.log_every=1",
-    "optim.warmup_iterations=2",
-    "optim.freeze_last_layer_iterations=2",
-    "loss.teacher_temp_warmup_iterations=2",
     "train.iterations=6",
     "train.checkpoint_every=2",
     "train.keep_last=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        image = np.zeros((40, 40, 3), dtype=np.uint8) + rng.integers(0, 60, 3, dtype=np.uint8)
-        top, left = rng.integers(0, 20, 2).tolist()
-        image[top : top + 16, left : left + 16] = rng.integers(120, 256, 3, dtype=np.uint8)
-        Image.fromarray(image).save(root / f"img_{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +42,7 @@ def straight(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _config(image_dir: Path, *extra: str):
-    return load_config("tiny_cpu", [*TINY, f"data.path={image_dir}", *extra])
+    return load_config("tiny_cpu", [*TINY, *RUN, f"data.path={image_dir}", *extra])
 
 
 def _assert_same_state(got: dict, expected: dict) -> None:

@@ -66,6 +66,18 @@ def official_teacher_state(teacher_state: dict[str, torch.Tensor]) -> dict[str, 
     return state
 
 
+def native_teacher_state(official: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`official_teacher_state`: the heads' weight-norm parametrisation under the module's own
+    names (``parametrizations.weight.original0``/``original1``) instead of ``weight_g``/``weight_v``."""
+    state = {}
+    for key, value in official.items():
+        if key.startswith(("dino_head.", "ibot_head.")):
+            key = key.replace("weight_g", "parametrizations.weight.original0")
+            key = key.replace("weight_v", "parametrizations.weight.original1")
+        state[key] = value
+    return state
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(iteration, path)`` of the complete checkpoints of a run (files and sharded folders), oldest first."""
     folder = Path(run_dir) / CHECKPOINT_DIR

@@ -30,6 +30,7 @@ from franca.train.checkpointing import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    native_teacher_state,
     official_teacher_state,
     remove_stale_temporaries,
     save_checkpoint,
@@ -126,18 +127,6 @@ def _gathered_rng_states(device: torch.device) -> dict[str, dict[str, Any]]:
     gathered: list[Any] = [None] * dist_utils.get_world_size()
     dist.all_gather_object(gathered, state)
     return {f"rank{rank}": rank_state for rank, rank_state in enumerate(gathered)}
-
-
-def _native_teacher_state(official: dict[str, Any]) -> dict[str, Any]:
-    """The teacher state under the module's own names (the heads' weight-norm parametrisation) from the official
-    layout of checkpoints (``weight_g``/``weight_v``)."""
-    state = {}
-    for key, value in official.items():
-        if key.startswith(("dino_head.", "ibot_head.")):
-            key = key.replace("weight_g", "parametrizations.weight.original0")
-            key = key.replace("weight_v", "parametrizations.weight.original1")
-        state[key] = value
-    return state
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -256,7 +245,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, whatever the world size and strategy it was saved with."""
         load_full_model_state(self.student, state["student"])
-        load_full_model_state(self.teacher, _native_teacher_state(state["teacher"]))
+        load_full_model_state(self.teacher, native_teacher_state(state["teacher"]))
         self.loss_fn.load_state_dict(state.get("loss", {}))  # a consolidated folder has no entry when empty
         load_full_optimizer_state(self.student, self.optimizer, state["optimizer"])
         self._restore_counters_and_rng(state)
@@ -280,7 +269,7 @@ class Trainer:
         state.pop("config")
         dcp_load(state, path)
         load_sharded_model_state(self.student, state["student"])
-        load_sharded_model_state(self.teacher, _native_teacher_state(state["teacher"]))
+        load_sharded_model_state(self.teacher, native_teacher_state(state["teacher"]))
         self.loss_fn.load_state_dict(state["loss"])
         load_sharded_optimizer_state(self.student, self.optimizer, state["optimizer"])
         self._restore_counters_and_rng(state)
