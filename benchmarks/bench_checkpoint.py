@@ -124,7 +124,8 @@ def _worker(
     """One operation in fresh processes, so that no earlier operation's memory is counted in its peak."""
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    overrides = ["data.path=unused", "distributed.strategy=fsdp", "train.checkpoint_format=sharded"]
+    overrides = ["data.path=unused", "distributed.strategy=fsdp", "train.checkpoint_format=sharded",
+                 f"distributed.init_device={args.init_device}"]  # fmt: skip
     if args.small_heads:
         overrides.append("heads.n_prototypes=8192")
     config = load_config(args.config, overrides)
@@ -133,13 +134,16 @@ def _worker(
     start = time.perf_counter()
     trainer = Trainer(config, root / "run", progress=False)
     startup = {"seconds": time.perf_counter() - start, "peak_mib": _vm_hwm_mib()}
-    _one_step(trainer)
-    fn, folder = _operation(name, trainer, root)
-    row = _measure(name, fn, folder)
+    row = None
+    if name != "start-up":
+        _one_step(trainer)
+        fn, folder = _operation(name, trainer, root)
+        row = _measure(name, fn, folder)
     startups: list[Any] = [None] * world_size
     dist.all_gather_object(startups, startup)
     if rank == 0:
         torch.save({"row": row, "startup": startups}, out)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -151,20 +155,31 @@ def main() -> None:
     parser.add_argument(
         "--dir", default=None, help="where to write the checkpoints (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--init-device",
+        choices=("cpu", "meta"),
+        default="cpu",
+        help="distributed.init_device of the runs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--startup-only", action="store_true", help="only build the networks (start-up time and peak memory)"
+    )
     parser.add_argument("--json", default="benchmarks/out/checkpoint.json")
     args = parser.parse_args()
     rows, startup = [], None
     with tempfile.TemporaryDirectory() as scratch:
         args.dir = args.dir or scratch
-        for index, name in enumerate(OPERATIONS):
+        for index, name in enumerate(("start-up",) if args.startup_only else OPERATIONS):
             out = str(Path(scratch) / f"result{index}.pt")
             init = str(Path(scratch) / f"init{index}")
             mp.spawn(_worker, args=(args.ranks, args, init, out, name), nprocs=args.ranks)
             result = torch.load(out, weights_only=False)
-            rows.append(result["row"])
+            if result["row"] is not None:
+                rows.append(result["row"])
             startup = startup or result["startup"]
     result = {"rows": rows, "startup": startup}
-    print(f"{args.config}{' (8192 prototypes)' if args.small_heads else ''}, {args.ranks} gloo ranks, FSDP2")
+    heads = " (8192 prototypes)" if args.small_heads else ""
+    print(f"{args.config}{heads}, {args.ranks} gloo ranks, FSDP2, networks built on {args.init_device}")
     for rank, startup in enumerate(result["startup"]):
         print(f"rank {rank} start-up: {startup['seconds']:.1f} s, peak RSS {startup['peak_mib']:.0f} MiB")
     columns = [
@@ -176,7 +191,8 @@ def main() -> None:
         ("rank0_extra_mib", "rank 0 extra peak MiB", ".0f"),
         ("other_extra_mib", "other ranks' extra peak MiB", ".0f"),
     ]
-    print_table(result["rows"], columns)
+    if result["rows"]:
+        print_table(result["rows"], columns)
     write_json(args.json, {"machine": machine_info(), "settings": vars(args), **result})
 
 

@@ -264,3 +264,39 @@ def test_save_on_two_ranks_resume_on_two_and_on_one(
     assert resumed_on_one[:2] == straight[:2]
     # one rank sees the same images at each step; only the masks and KoLeo's per-rank neighbours differ
     np.testing.assert_allclose(resumed_on_one[2:], straight[2:], rtol=0.05)
+
+
+def _meta_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _init(rank, init_file)
+    try:
+        states = {}
+        for init_device in ("cpu", "meta"):
+            config = _step_config("fsdp", PER_RANK)
+            config.distributed.init_device = init_device
+            trainer = Trainer(config, Path(out_dir) / init_device, progress=False)
+            assert trainer.built_on_meta == (init_device == "meta")
+            built_on_meta = trainer.student.backbone.pos_embed.to_local().device.type
+            mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            logs = trainer.train_step(_batch(_full_batch(WORLD_SIZE * PER_RANK), mine))
+            states[init_device] = {
+                "student": full_model_state(trainer.student),
+                "teacher": full_model_state(trainer.teacher),
+                "loss": logs["loss"],
+                "device": built_on_meta,
+            }
+        if rank == 0:
+            torch.save(states, Path(out_dir) / "meta.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_device_start_gives_the_cpu_build_weights_on_two_fsdp_ranks(tmp_path: Path) -> None:
+    """Each rank materialises only its shards, with the weights of the ordinary CPU build: equal after a step."""
+    mp.spawn(_meta_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    states = torch.load(tmp_path / "meta.pt", weights_only=True)
+    off, on = states["cpu"], states["meta"]
+    assert on["device"] == "cpu" and on["loss"] == off["loss"]
+    for part in ("student", "teacher"):
+        assert on[part].keys() == off[part].keys()
+        for key, value in off[part].items():
+            assert torch.equal(on[part][key], value), f"{part} {key}"

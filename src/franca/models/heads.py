@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.init import trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
 
 from franca.errors import CheckpointError, ConfigError
@@ -150,7 +149,7 @@ def _init_linear_weights(module: nn.Module, scheme: str = "official") -> None:
         else:
             weight = sub.weight
         std = 0.02 if scheme == "official" else weight.shape[1] ** -0.5
-        trunc_normal_(weight, std=std)
+        nn.init.trunc_normal_(weight, std=std)  # looked up at call time (meta-device builds record it)
         if sub.bias is not None:
             nn.init.zeros_(sub.bias)
 
@@ -240,7 +239,9 @@ class MatryoshkaHead(nn.Module):
             self.matryoshka_projection = nn.Linear(widest, widest)
             self.mlp = _build_mlp(nlayers, widest, hidden_dim, bottleneck_dim, trailing_gelu=True)
             self.last_layer = _prototype_layer(bottleneck_dim, self.n_prototypes)
-            self.register_buffer("nesting_widths", torch.tensor(self.levels, dtype=torch.long))
+            # filled in place from CPU data, so that a meta-device build records the values
+            widths = torch.empty(len(self.levels), dtype=torch.long)
+            self.register_buffer("nesting_widths", widths.copy_(torch.tensor(self.levels, device="cpu")))
             prototype_layers = [self.last_layer]
         else:
             self.matryoshka_projections = nn.ModuleList(

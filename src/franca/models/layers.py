@@ -90,7 +90,10 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_values: float = 1e-5) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+        self.gamma = nn.Parameter(torch.empty(dim))
+        nn.init.constant_(
+            self.gamma, float(init_values)
+        )  # an in-place fill, so a meta-device build records it
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma

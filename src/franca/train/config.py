@@ -48,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("auto", "folder", "imagefolder", "filelist", "webdataset"),
     "distributed.strategy": ("ddp", "fsdp"),
     "train.checkpoint_format": ("auto", "single", "sharded"),
+    "distributed.init_device": ("auto", "meta", "cpu"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
 
@@ -250,6 +251,10 @@ class DistributedConfig:
     strategy: str = "ddp"
     backend: str = "auto"  # nccl on CUDA, gloo on CPU
     fsdp_reshard_after_forward: bool = False
+    # where the networks are built: meta = shapes only, then each rank materialises its shards with the CPU build's
+    # exact weights (no rank holds the whole model); cpu = the whole networks on every rank; auto = meta under FSDP
+    # on several ranks when no pretrained weights are loaded
+    init_device: str = "auto"
 
 
 @dataclass

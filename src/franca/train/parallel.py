@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from franca import distributed as dist_utils
 from franca.errors import ConfigError
+from franca.models.meta_init import InitRecorder
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -70,6 +71,7 @@ def parallelize(
     reshard_after_forward: bool = False,
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
+    meta_init: InitRecorder | None = None,
 ) -> nn.Module:
     """Prepare both networks for training, in DINOv3's order; returns the module to call for the student forward.
 
@@ -77,6 +79,10 @@ def parallelize(
     2. ``torch.compile`` of every block of both networks (each block's forward, which also takes the multi-crop
        lists), before sharding so that FSDP2's hooks stay outside the compiled graphs;
     3. data parallelism: FSDP2 per block and head with prefetching, or DDP (see :func:`wrap_for_training`).
+
+    With ``meta_init`` (networks built on the meta device under that recorder), the networks are allocated on
+    ``device`` and given the CPU build's weights: after sharding under FSDP (each rank allocates and writes only its
+    shards), before wrapping otherwise. The teacher starts as a copy of the student, as in the CPU build.
     """
     if activation_checkpointing:
         student.backbone.set_grad_checkpointing(True)
@@ -84,7 +90,26 @@ def parallelize(
         for network in (student, teacher):
             for block in network.backbone.blocks:
                 block.compile()
-    return wrap_for_training(student, teacher, strategy, device, param_dtype, reshard_after_forward)
+    sharded = strategy == "fsdp" and dist_utils.is_enabled()
+    if meta_init is not None and not sharded:
+        _materialize(student, teacher, meta_init, device)
+    forward = wrap_for_training(student, teacher, strategy, device, param_dtype, reshard_after_forward)
+    if meta_init is not None and sharded:
+        _materialize(student, teacher, meta_init, device)
+    return forward
+
+
+def _materialize(
+    student: nn.Module, teacher: nn.Module, recorder: InitRecorder, device: torch.device
+) -> None:
+    """Allocate both meta-built networks on ``device``, replay the student's initialisation, copy it to the teacher."""
+    for network in (student, teacher):
+        network.to_empty(device=device)
+    recorder.materialize(student)
+    with torch.no_grad():
+        sources = dict((*student.named_parameters(), *student.named_buffers()))
+        for name, tensor in (*teacher.named_parameters(), *teacher.named_buffers()):
+            local_tensor(tensor).copy_(local_tensor(sources[name]))
 
 
 def wrap_for_training(

@@ -22,7 +22,8 @@ import torch
 
 from franca import distributed as dist_utils
 from franca.checkpoints import dcp_load, is_sharded_checkpoint
-from franca.errors import FrancaError
+from franca.errors import ConfigError, FrancaError
+from franca.models.meta_init import InitRecorder
 from franca.progress import ProgressBar
 from franca.train.checkpointing import (
     ShardedCheckpointWriter,
@@ -117,6 +118,21 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def use_meta_init(config: TrainConfig, world_size: int) -> bool:
+    """Whether to build the networks on the meta device (``distributed.init_device``; auto: FSDP on several ranks
+    without pretrained weights, which are loaded into real tensors during the build)."""
+    choice = config.distributed.init_device
+    pretrained = bool(config.model.pretrained_backbone or config.model.pretrained_heads)
+    if choice == "meta" and pretrained:
+        raise ConfigError(
+            "config key 'distributed.init_device' is meta, but model.pretrained_backbone/pretrained_heads are set; "
+            "set distributed.init_device=cpu (pretrained weights are loaded during a CPU build)"
+        )
+    if choice == "auto":
+        return config.distributed.strategy == "fsdp" and world_size > 1 and not pretrained
+    return choice == "meta"
+
+
 def _gathered_rng_states(device: torch.device) -> dict[str, dict[str, Any]]:
     """Every rank's :func:`_rng_state`, keyed ``rank<r>`` (a collective; each rank gets them all)."""
     state = _rng_state(device)
@@ -151,9 +167,16 @@ class Trainer:
         self.batch_size, self.global_batch_size = resolve_batch_sizes(config.train, self.world_size)
 
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        self.student, self.teacher = build_student_teacher(config)
-        self.student.to(self.device)
-        self.teacher.to(self.device)
+        meta_init = None
+        self.built_on_meta = use_meta_init(config, self.world_size)
+        if self.built_on_meta:  # shapes only; each rank materialises its shards below
+            with InitRecorder() as meta_init, torch.device("meta"):
+                self.student, self.teacher = build_student_teacher(config)
+            meta_init.bind(self.student)
+        else:
+            self.student, self.teacher = build_student_teacher(config)
+            self.student.to(self.device)
+            self.teacher.to(self.device)
         self.loss_fn = FrancaLoss(
             config, self.student.dino_head.prototype_counts, self.student.ibot_head.prototype_counts
         ).to(self.device)
@@ -166,6 +189,7 @@ class Trainer:
             reshard_after_forward=config.distributed.fsdp_reshard_after_forward,
             activation_checkpointing=config.train.activation_checkpointing,
             compile_blocks=config.train.compile,
+            meta_init=meta_init,
         )
         self.param_groups = build_param_groups(
             self.student.parts(),
