@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import _vm_hwm_mib, machine_info, print_table, reset_peak_memory, write_json
+from common import _vm_hwm_mib, machine_info, print_table, reset_peak_memory, resident_mib, write_json
 
 from franca.train.checkpointing import ShardedCheckpointWriter, load_checkpoint, save_checkpoint
 from franca.train.config import load_config
@@ -43,18 +43,11 @@ from franca.train.trainer import Trainer
 CPU = torch.device("cpu")
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _measure(name: str, fn: Any, folder: Path) -> dict[str, Any]:
     """Run ``fn`` on every rank between barriers: the wall time, the bytes in ``folder``, and per rank the resident
     memory before (the model, shards and optimizer) and the peak during the operation."""
     dist.barrier()
-    before = _rss_mib()
+    before = resident_mib()
     reset_peak_memory(CPU)
     start = time.perf_counter()
     extra = fn() or {}

@@ -76,15 +76,25 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def _vm_hwm_mib() -> float | None:
-    """Peak resident set size (VmHWM) of this process in MiB, or None where /proc is unavailable."""
+def _proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB, or None where /proc is unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def _vm_hwm_mib() -> float | None:
+    """Peak resident set size (VmHWM) of this process in MiB, or None where /proc is unavailable."""
+    return _proc_status_mib("VmHWM")
+
+
+def resident_mib() -> float | None:
+    """Current resident set size (VmRSS) of this process in MiB, or None where /proc is unavailable."""
+    return _proc_status_mib("VmRSS")
 
 
 def reset_peak_memory(device: torch.device) -> None:

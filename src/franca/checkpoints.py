@@ -16,6 +16,7 @@ one :class:`~franca.errors.CheckpointError` line that names the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,7 @@ def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | Non
     except TypeError:  # torch < 2.5: no key filter, read everything
         planner = _EmptyStateDictLoadPlanner()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with dcp_single_process():
             # the private loader that torch's own dcp_to_torch_save uses: the public load() fills a copy of the
             # (empty) dict it is given, and would run collectives inside a distributed job
             _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
@@ -132,22 +132,34 @@ def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | Non
     return state
 
 
-def dcp_load(state: dict[str, Any], source: Any, planner: Any = None) -> None:
-    """``torch.distributed.checkpoint.load`` into ``state`` (in place) from a folder path or a storage reader.
+def dcp_load(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.distributed.checkpoint.load`` of folder ``path`` into ``state`` (in place).
 
     With a process group, every rank must call it (the ranks plan the reads together); without one it reads in this
     process alone.
     """
-    import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    reader = FileSystemReader(str(source)) if isinstance(source, (str, os.PathLike)) else source
-    if dist.is_available() and dist.is_initialized():
-        load(state, storage_reader=reader, planner=planner)
-        return
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        load(state, storage_reader=reader, planner=planner)
+    with dcp_single_process():
+        load(state, storage_reader=FileSystemReader(str(path)))
+
+
+_DCP_SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+@contextlib.contextmanager
+def dcp_single_process() -> Iterator[None]:
+    """Silence torch.distributed.checkpoint's warning that it runs in one process without a process group (which is
+    what franca means when it calls it so: one training process, or the conversion commands)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS)
+        yield
+
+
+def ignore_dcp_single_process_warning() -> None:
+    """:func:`dcp_single_process` for the rest of the process: an asynchronous save warns from its own thread, after
+    any ``with`` block around the call has ended."""
+    warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS)
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -91,8 +91,9 @@ def test_init_device_choice() -> None:
     assert use_meta_init(config, world_size=2) and not use_meta_init(config, world_size=1)
     config.distributed.init_device = "meta"
     assert use_meta_init(config, world_size=1)
-    config.model.pretrained_backbone = "some.pth"
-    with pytest.raises(ConfigError, match="init_device"):
-        use_meta_init(config, world_size=2)
-    config.distributed.init_device = "auto"
-    assert not use_meta_init(config, world_size=2)  # pretrained weights load into a CPU build
+    pretrained = load_config(
+        "tiny_cpu", [*TINY, "distributed.strategy=fsdp", "model.pretrained_backbone=b.pth"]
+    )
+    assert not use_meta_init(pretrained, world_size=2)  # auto: pretrained weights load into a CPU build
+    with pytest.raises(ConfigError, match="distributed.init_device"):
+        load_config("tiny_cpu", [*TINY, "distributed.init_device=meta", "model.pretrained_backbone=b.pth"])

@@ -82,7 +82,7 @@ def _grad_errors(
     return errors
 
 
-def _bf16_close(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _bf16_mismatches(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The modules whose gradients are outside the bf16 tolerance, with their errors (empty when all agree)."""
     return {
         module: errors
@@ -162,10 +162,10 @@ def test_bf16_step_keeps_fp32_losses_and_master_weights_and_matches_fp32(tmp_pat
     _master_dtypes(trainer)
     grads = _grads(trainer.student)
     assert grads.keys() == reference_grads.keys()
-    assert not _bf16_close(grads, reference_grads), _grad_errors(grads, reference_grads)
+    assert not _bf16_mismatches(grads, reference_grads), _grad_errors(grads, reference_grads)
 
     # the tolerance is tight enough to see a 5 % scale error or the KoLeo term going missing
-    assert _bf16_close({n: 1.05 * g for n, g in reference_grads.items()}, reference_grads).keys() == {
+    assert _bf16_mismatches({n: 1.05 * g for n, g in reference_grads.items()}, reference_grads).keys() == {
         "backbone",
         "dino_head",
         "ibot_head",
@@ -175,7 +175,7 @@ def test_bf16_step_keeps_fp32_losses_and_master_weights_and_matches_fp32(tmp_pat
         tmp_path / "no_koleo",
     )
     assert no_koleo.forward_backward(batch)[1]
-    assert "backbone" in _bf16_close(_grads(no_koleo.student), reference_grads)
+    assert "backbone" in _bf16_mismatches(_grads(no_koleo.student), reference_grads)
 
     # the whole step: clipping, AdamW and the EMA keep fp32 weights and optimizer state
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -416,7 +416,7 @@ def test_fsdp2_bf16_gathers_in_bf16_and_keeps_fp32_shards_and_gradients(
         assert facts["step_shard_dtypes"] == {torch.float32}
     # the averaged bf16 gradients are the fp32 gradients of the doubled batch in one process (bf16 tolerance)
     grads = ranks[0]["grads"]
-    assert not _bf16_close(grads, reference_grads), _grad_errors(grads, reference_grads)
+    assert not _bf16_mismatches(grads, reference_grads), _grad_errors(grads, reference_grads)
     # full_tensor() of the shards: the same on both ranks
     torch.testing.assert_close(ranks[1]["grads"], grads, rtol=0, atol=0)
 

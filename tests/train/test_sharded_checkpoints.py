@@ -15,6 +15,7 @@ from test_trainer import TINY
 
 from franca.checkpoints import is_sharded_checkpoint, load_backbone
 from franca.cli import main as cli_main
+from franca.errors import CheckpointError
 from franca.train.checkpointing import (
     consolidate_checkpoint,
     latest_checkpoint,
@@ -121,6 +122,6 @@ def test_consolidate_and_shard_round_trip(tmp_path: Path, image_dir: Path, strai
     _assert_same_state(load_checkpoint(back), state)
     for key, value in load_backbone(back).state_dict().items():
         torch.testing.assert_close(value, state["teacher"][f"backbone.{key}"])
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         shard_checkpoint(single, back)
     assert consolidate_checkpoint(back, tmp_path / "again.pt").is_file()

@@ -91,9 +91,8 @@ class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float = 1e-5) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.empty(dim))
-        nn.init.constant_(
-            self.gamma, float(init_values)
-        )  # an in-place fill, so a meta-device build records it
+        # an in-place fill rather than torch.full, so that a meta-device build records the value
+        nn.init.constant_(self.gamma, float(init_values))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma

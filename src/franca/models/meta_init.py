@@ -48,6 +48,7 @@ class MetaInitError(FrancaError):
 class _Op:
     storage: int  # the meta tensor's storage, which identifies the parameter or buffer (views share it)
     view: tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, size, stride of the tensor written
+    dtype: torch.dtype
     func: Any  # called again as func(tensor, *args, **kwargs), or func(tensor=tensor, **kwargs)
     args: tuple
     kwargs: dict
@@ -77,6 +78,7 @@ class InitRecorder(TorchFunctionMode):
         self.ops: list[_Op] = []
         self.rng_state = torch.get_rng_state()
         self._names: dict[int, tuple[str, torch.Size, torch.dtype]] = {}
+        self._live_from: dict[int, int] = {}  # per bound tensor, the index of its last full overwrite
         self._originals: dict[str, Any] = {}
 
     def __enter__(self) -> InitRecorder:
@@ -110,7 +112,8 @@ class InitRecorder(TorchFunctionMode):
         rest = tuple(_recordable(value, name) for value in args)
         recorded = {key: _recordable(value, name) for key, value in kwargs.items()}
         view = (target.storage_offset(), tuple(target.shape), tuple(target.stride()))
-        self.ops.append(_Op(target.untyped_storage()._cdata, view, func, rest, recorded, by_keyword))
+        storage = target.untyped_storage()._cdata
+        self.ops.append(_Op(storage, view, target.dtype, func, rest, recorded, by_keyword))
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -135,7 +138,8 @@ class InitRecorder(TorchFunctionMode):
             if not tensor.is_meta:
                 raise MetaInitError(f"{name} was not built on the meta device")
             self._names[tensor.untyped_storage()._cdata] = (name, tensor.shape, tensor.dtype)
-        missing = set(self._names) - {op.storage for op in self.ops if op.overwrites}
+        self._live_from = self._live_chains()
+        missing = set(self._names) - set(self._live_from)
         if missing:
             names = sorted(self._names[key][0] for key in missing)
             raise MetaInitError(f"no recorded initialisation gives a value to {', '.join(names[:5])}")
@@ -145,17 +149,15 @@ class InitRecorder(TorchFunctionMode):
         if not self._names:
             raise MetaInitError("InitRecorder.materialize needs bind() first")
         targets = dict((*module.named_parameters(), *module.named_buffers()))
-        live_from = self._live_chains()
         last = {op.storage: index for index, op in enumerate(self.ops)}
         values: dict[int, Tensor] = {}
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.set_rng_state(self.rng_state)
             for index, op in enumerate(self.ops):
-                if op.storage not in self._names or index < live_from[op.storage]:
+                if op.storage not in self._names or index < self._live_from[op.storage]:
                     # a tensor outside the module, or a write that a later full overwrite kills: run it on a
                     # scratch tensor all the same, so that it draws the random numbers the build drew
-                    dtype = self._names[op.storage][2] if op.storage in self._names else torch.float32
-                    _apply(torch.empty(op.view[1], dtype=dtype), op)
+                    _apply(torch.empty(op.view[1], dtype=op.dtype), op)
                     continue
                 name, shape, dtype = self._names[op.storage]
                 full = values.setdefault(op.storage, torch.empty(shape, dtype=dtype))
@@ -164,7 +166,8 @@ class InitRecorder(TorchFunctionMode):
                     _write(targets[name], values.pop(op.storage), name)
 
     def _live_chains(self) -> dict[int, int]:
-        """For each tensor, the index of its last full overwrite: earlier writes to it cannot reach its value."""
+        """For each bound tensor, the index of its last overwrite of every element: earlier writes cannot reach its
+        value (a tensor without one has no recorded value)."""
         live: dict[int, int] = {}
         for index, op in enumerate(self.ops):
             name_shape = self._names.get(op.storage)

@@ -89,8 +89,8 @@ def sinkhorn_knopp(
     """Per-sample Sinkhorn-Knopp assignments of ``teacher_logits`` [N_local, K] -> probabilities [N_local, K].
 
     Equal to the official algorithm (section 2.5) with ``n_iterations`` alternations of a prototype step (sums
-    over the samples of every rank, all-reduced) and a sample step, but evaluated on ``log Q`` in fp32 (autocast
-    disabled), so logits of any finite magnitude give finite targets. Each returned row sums to 1; with enough
+    over the samples of every rank, all-reduced) and a sample step, but evaluated in fp32 (autocast disabled) as the
+    module docstring describes, so logits of any finite magnitude give finite targets. Each returned row sums to 1; with enough
     iterations every prototype receives about ``N / K`` of the total mass, N being the number of samples over all
     ranks.
 
@@ -136,9 +136,7 @@ def sinkhorn_knopp(
         row_scale = 1.0 / (total * scaled.sum(dim=1))
         column_scale = None
         for _ in range(n_iterations - 1):
-            column_sums = (
-                torch.mv(scaled.t(), row_scale) if scaled.shape[0] else scaled.new_zeros(num_prototypes)
-            )
+            column_sums = torch.mv(scaled.t(), row_scale)  # zeros on a rank without samples
             distributed.all_reduce_sum(column_sums)
             column_scale = 1.0 / (num_prototypes * column_sums)
             row_scale = 1.0 / (total * torch.mv(scaled, column_scale))

@@ -11,8 +11,9 @@ Layout of ``<run>/``::
     teacher_heads.pth                 the teacher heads in the official layout: franca.load_heads(...) reads it
 
 Every file and folder is written under a temporary name and renamed into place (a folder by rank 0 once every rank
-has finished), so a killed process never leaves a partial checkpoint where a resume would read it. A training checkpoint's ``teacher`` entry has the official release layout
-(``backbone.*``, ``dino_head.*``, ``ibot_head.*``), so ``load_backbone``/``load_heads`` read it directly as well.
+has finished), so a killed process never leaves a partial checkpoint where a resume would read it. A training
+checkpoint's ``teacher`` entry has the official release layout (``backbone.*``, ``dino_head.*``, ``ibot_head.*``),
+so ``load_backbone``/``load_heads`` read it directly as well.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from franca import distributed as dist_utils
-from franca.checkpoints import is_sharded_checkpoint, read_sharded_checkpoint
+from franca.checkpoints import (
+    dcp_single_process,
+    ignore_dcp_single_process_warning,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+)
 from franca.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.(pt|dcp)$")
-FORMATS = ("auto", "single", "sharded")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
@@ -120,9 +124,8 @@ def save_checkpoint(
 
 
 def use_sharded_checkpoints(checkpoint_format: str, networks_sharded: bool) -> bool:
-    """Whether a run writes sharded checkpoints: ``sharded``, or ``auto`` with sharded (FSDP) networks."""
-    if checkpoint_format not in FORMATS:
-        raise ValueError(f"checkpoint format must be one of {', '.join(FORMATS)}, got {checkpoint_format!r}")
+    """Whether a run writes sharded checkpoints (``train.checkpoint_format``, validated with the config):
+    ``sharded``, or ``auto`` with sharded (FSDP) networks."""
     return checkpoint_format == "sharded" or (checkpoint_format == "auto" and networks_sharded)
 
 
@@ -142,6 +145,8 @@ class ShardedCheckpointWriter:
         self.asynchronous = asynchronous
         self._pending: tuple[Any, Path, Path] | None = None
         self._async_group: Any = None
+        if asynchronous and not dist_utils.is_enabled():
+            ignore_dcp_single_process_warning()
 
     def save(self, iteration: int, state: dict[str, Any]) -> Path:
         """Save ``state`` (sharded tensors allowed) as checkpoint ``iteration``; returns the final folder's path."""
@@ -154,8 +159,7 @@ class ShardedCheckpointWriter:
             _remove(tmp)
             tmp.mkdir(parents=True)
         dist_utils.barrier()
-        with warnings.catch_warnings():  # one process without a group: "assuming ... a single process"
-            warnings.simplefilter("ignore", UserWarning)
+        with dcp_single_process():
             if not self.asynchronous:
                 dcp.save(state, checkpoint_id=tmp)
                 self._publish(tmp, final)
@@ -236,8 +240,7 @@ def shard_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     _remove(tmp)
     tmp.mkdir(parents=True)
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
-        warnings.simplefilter("ignore", UserWarning)
+    with dcp_single_process():
         dcp.save(state, checkpoint_id=tmp)
     os.replace(tmp, out)
     return out

@@ -674,6 +674,14 @@ def validate_config(config: TrainConfig) -> None:
         if value > total:
             _fail(key, f"({value}) must not exceed train.iterations ({total})")
 
+    if config.distributed.init_device == "meta" and (
+        config.model.pretrained_backbone or config.model.pretrained_heads
+    ):
+        _fail(
+            "distributed.init_device",
+            "is meta, but model.pretrained_backbone/pretrained_heads are set (they load during a CPU build); "
+            "use cpu or auto",
+        )
     _validate_heads(config)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -22,7 +23,7 @@ import torch
 
 from franca import distributed as dist_utils
 from franca.checkpoints import dcp_load, is_sharded_checkpoint
-from franca.errors import ConfigError, FrancaError
+from franca.errors import FrancaError
 from franca.models.meta_init import InitRecorder
 from franca.progress import ProgressBar
 from franca.train.checkpointing import (
@@ -56,6 +57,8 @@ from franca.train.parallel import (
 )
 from franca.train.schedules import Schedules
 from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(FrancaError):
@@ -121,16 +124,10 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 def use_meta_init(config: TrainConfig, world_size: int) -> bool:
     """Whether to build the networks on the meta device (``distributed.init_device``; auto: FSDP on several ranks
     without pretrained weights, which are loaded into real tensors during the build)."""
-    choice = config.distributed.init_device
-    pretrained = bool(config.model.pretrained_backbone or config.model.pretrained_heads)
-    if choice == "meta" and pretrained:
-        raise ConfigError(
-            "config key 'distributed.init_device' is meta, but model.pretrained_backbone/pretrained_heads are set; "
-            "set distributed.init_device=cpu (pretrained weights are loaded during a CPU build)"
-        )
-    if choice == "auto":
+    if config.distributed.init_device == "auto":
+        pretrained = config.model.pretrained_backbone or config.model.pretrained_heads
         return config.distributed.strategy == "fsdp" and world_size > 1 and not pretrained
-    return choice == "meta"
+    return config.distributed.init_device == "meta"
 
 
 def _gathered_rng_states(device: torch.device) -> dict[str, dict[str, Any]]:
@@ -402,9 +399,8 @@ class Trainer:
     def _save(self) -> Path | None:
         """Write the checkpoint of this iteration and the teacher exports (every rank takes part)."""
         path = None
-        if (
-            self.checkpoint_writer is not None
-        ):  # every rank writes its shards; the exports need the full teacher
+        if self.checkpoint_writer is not None:
+            # every rank writes its shards; the exports need the full teacher (gathered on rank 0)
             path = self.checkpoint_writer.save(self.iteration, self.sharded_state_dict())
             teacher = official_teacher_state(full_model_state(self.teacher))
         else:
@@ -430,22 +426,49 @@ class Trainer:
             return None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
+    def _open_run(self) -> None:
+        """Prepare the run directory (stale temporaries removed) and resume from its newest checkpoint, unless the
+        state in memory already is that checkpoint (a staged run of this Trainer)."""
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.output_dir):
+                logger.warning("removed %s, left by an interrupted save", stale)
+        dist_utils.barrier()
+        resumed = None if self._state_is_latest_checkpoint() else self.resume()
+        if self.is_main:
+            save_config(self.config, self.output_dir / "config.yaml")
+            self._truncate_metrics(self.iteration)
+            if resumed is not None:
+                print(f"resumed from {resumed} at iteration {self.iteration}")
+
+    def _publish_record(self, record: dict[str, Any], bar: ProgressBar, writer: Any) -> None:
+        """One logged step: a metrics.jsonl line, the progress bar's postfix, TensorBoard scalars (rank 0)."""
+        self._write_metrics(record)
+        bar.set_postfix(
+            loss=f"{record.get('loss', float('nan')):.3f}",
+            lr=f"{record.get('lr', 0.0):.2e}",
+            ips=f"{record['images_per_s']:.1f}",
+        )
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    writer.add_scalar(f"train/{key}", value, self.iteration)
+
+    def _stop_on_nonfinite_streak(self) -> None:
+        if self.consecutive_nonfinite >= self.config.train.max_consecutive_nonfinite:
+            good = latest_checkpoint(self.output_dir)
+            raise TrainingError(
+                f"the loss was not finite for {self.consecutive_nonfinite} steps in a row (last at iteration "
+                f"{self.iteration}); stopped. Last good checkpoint: {good or 'none yet'}. Lower optim.base_lr "
+                "or raise train.batch_size_per_device"
+            )
+
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``train.iterations`` (or until ``stop_at``, for tests and staged runs)."""
         config = self.config
         total = config.train.iterations
         end = total if stop_at is None else min(stop_at, total)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(self.output_dir):
-                print(f"removed {stale}, left by an interrupted save")
-        dist_utils.barrier()
-        resumed = None if self._state_is_latest_checkpoint() else self.resume()
-        if self.is_main:
-            save_config(config, self.output_dir / "config.yaml")
-            self._truncate_metrics(self.iteration)
-            if resumed is not None:
-                print(f"resumed from {resumed} at iteration {self.iteration}")
+        self._open_run()
         if self._data_iterator is not None and self._data_iterator[0] == self.iteration:
             data_iter = self._data_iterator[1]  # the workers of the previous call, already at this iteration
         else:
@@ -505,32 +528,11 @@ class Trainer:
                     window_start, window_images = time.perf_counter(), 0
                     last = record
                     if self.is_main:
-                        self._write_metrics(record)
-                        bar.set_postfix(
-                            loss=f"{record.get('loss', float('nan')):.3f}",
-                            lr=f"{record.get('lr', 0.0):.2e}",
-                            ips=f"{record['images_per_s']:.1f}",
-                        )
-                        if writer is not None:
-                            for key, value in record.items():
-                                if (
-                                    isinstance(value, (int, float))
-                                    and not isinstance(value, bool)
-                                    and math.isfinite(value)
-                                ):
-                                    writer.add_scalar(f"train/{key}", value, self.iteration)
-                if self.consecutive_nonfinite >= config.train.max_consecutive_nonfinite:
-                    good = latest_checkpoint(self.output_dir)
-                    raise TrainingError(
-                        f"the loss was not finite for {self.consecutive_nonfinite} steps in a row (last at iteration "
-                        f"{self.iteration}); stopped. Last good checkpoint: {good or 'none yet'}. Lower optim.base_lr "
-                        "or raise train.batch_size_per_device"
-                    )
+                        self._publish_record(record, bar, writer)
+                self._stop_on_nonfinite_streak()
                 if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
                     checkpoint_path = self._save()
-            if (
-                self.checkpoint_writer is not None
-            ):  # publish a checkpoint still being written in the background
+            if self.checkpoint_writer is not None:  # publish a checkpoint still written in the background
                 self.checkpoint_writer.wait()
             if self.iteration < total:  # a staged run: the next fit() continues with these workers
                 self._data_iterator = (self.iteration, data_iter)
