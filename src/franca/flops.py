@@ -15,10 +15,11 @@ Conventions (the usual ones for MFU, e.g. PaLM's appendix B):
 - Recomputation is not counted: the flash-attention backward recomputes QK^T (FlopCounterMode counts its backward as
   2.5 x forward; here 2 x), and activation checkpointing would recompute whole blocks. These are hardware FLOPs, not
   model FLOPs, so an MFU computed from these counts is the conventional "model FLOPs utilisation".
-- Stochastic depth: for drop rates above 0.1 the model uses DINOv2's batch-subset stochastic depth (each residual
-  branch of block i runs on ``max(int(n * (1 - p_i)), 1)`` of the n samples of a forward call), which really saves
-  that compute; :func:`franca_step_flops` counts the student's blocks on those subsets. Per-sample DropPath
-  (p <= 0.1) computes every sample and changes nothing.
+- Stochastic depth: in the default ``drop_path_mode="batch_subset"`` (the official student's) every block with a
+  drop rate p_i > 0 runs each residual branch on ``max(int(n * (1 - p_i)), 1)`` of the n samples of each crop batch
+  (each list element of a multi-crop forward draws its own subset), which really saves that compute;
+  :func:`franca_step_flops` counts the student's blocks on those subsets. ``drop_path_mode="per_sample"``
+  (DropPath) computes every sample and changes nothing.
 
 ``mfu = step FLOPs / step seconds / peak FLOP/s``, with the peak *measured* by :func:`measure_peak_flops` (the bf16
 matrix-product rate on a GPU, the fp32 one on a CPU, see ``docs/environment.md``).
@@ -72,11 +73,17 @@ def _as_vit_config(source: ViTConfig | DinoVisionTransformer) -> ViTConfig:
     raise TypeError(f"expected a ViTConfig or a DinoVisionTransformer, got {type(source).__name__}")
 
 
-def _block_drop_rates(source: ViTConfig | DinoVisionTransformer) -> list[float]:
-    """Per-block stochastic-depth rates: the blocks' own for a model, the config's rule otherwise."""
+def _block_subset_rates(source: ViTConfig | DinoVisionTransformer) -> list[float]:
+    """Per-block rates of batch-subset stochastic depth (0 where a block computes every sample): the blocks' own rates
+    and modes for a model, the config's rule otherwise."""
     if isinstance(source, DinoVisionTransformer):
-        return [float(block.drop_path_rate) for block in source.blocks]
+        return [
+            float(block.drop_path_rate) if block.drop_path_mode == "batch_subset" else 0.0
+            for block in source.blocks
+        ]
     config = _as_vit_config(source)
+    if config.drop_path_mode != "batch_subset":
+        return [0.0] * config.depth
     if config.drop_path_uniform:
         return [float(config.drop_path_rate)] * config.depth
     return [float(rate) for rate in torch.linspace(0, config.drop_path_rate, config.depth).tolist()]
@@ -121,8 +128,10 @@ def vit_flops_breakdown(
 
     Returns ``{"patch_embed", "qkv", "attention", "proj", "ffn", "blocks", "rasa", "total"}`` (ints; ``blocks`` is
     the sum of the four block parts over all blocks). ``rasa`` is the folded RASA projection of the patch tokens,
-    non-zero only for a model with one attached. With ``stochastic_depth`` the blocks whose drop rate exceeds 0.1
-    run on ``max(int(batch * (1 - p)), 1)`` samples, as the training-mode batch-subset stochastic depth does.
+    non-zero only for a model with one attached. With ``stochastic_depth`` the blocks with a drop rate p > 0 run on
+    ``max(int(batch * (1 - p)), 1)`` samples, as the training-mode batch-subset stochastic depth does (the default
+    ``drop_path_mode``; with ``per_sample`` every block runs on every sample). ``batch`` is one crop batch: count a
+    multi-crop forward one crop batch (list element) at a time.
     """
     config = _as_vit_config(model_or_config)
     width = height if width is None else width
@@ -130,9 +139,9 @@ def vit_flops_breakdown(
     patches = (height // config.patch_size) * (width // config.patch_size)
     per_sample = _block_flops_per_sample(config, tokens)
     parts = dict.fromkeys(per_sample, 0)
-    for rate in _block_drop_rates(model_or_config):
+    for rate in _block_subset_rates(model_or_config):
         samples = batch
-        if stochastic_depth and rate > 0.1:
+        if stochastic_depth and rate > 0:
             samples = max(int(batch * (1 - rate)), 1)
         for name, flops in per_sample.items():
             parts[name] += samples * flops
@@ -305,7 +314,8 @@ def franca_step_flops(
     - teacher (forward only, eval mode): the backbone on the 2B global crops, the DINO head on their 2B CLS tokens
       and the iBOT head on the M masked patch tokens;
     - student forward + backward: the backbone on the 2B masked global crops and the n_local * B local crops
-      (batch-subset stochastic depth for drop rates > 0.1) = ``3 * forward - patch_embed``; the DINO head on the
+      (with batch-subset stochastic depth, each block on its subset of either crop batch) =
+      ``3 * forward - patch_embed``; the DINO head on the
       (2 + n_local) B CLS tokens and the iBOT head on the M masked patches, 3 x forward.
 
     M is ``masked_patches`` when given (the real count of a batch), else :func:`expected_masked_patches` for 2B

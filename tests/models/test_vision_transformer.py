@@ -183,11 +183,18 @@ def test_batch_subset_stochastic_depth_keeps_untouched_samples() -> None:
     assert block.drop_path_rate == 0.5
 
 
-def test_per_sample_drop_path_in_training_only() -> None:
-    model = vit_tiny(patch_size=8, img_size=32, drop_path_rate=0.1)
+@pytest.mark.parametrize("mode", ["batch_subset", "per_sample"])
+def test_drop_path_in_training_only(mode: str) -> None:
+    model = vit_tiny(patch_size=8, img_size=32, drop_path_rate=0.1, drop_path_mode=mode)
     x = torch.randn(4, 3, 32, 32)
-    model.eval()
     with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(1)
+        b = model(x)
+        assert not torch.allclose(a, b)  # stochastic depth draws new samples in training
+        model.eval()
         a, b = model(x), model(x)
     torch.testing.assert_close(a, b)
 
@@ -206,12 +213,15 @@ def test_token_concatenated_multicrop_forward_equals_separate_forwards() -> None
             torch.testing.assert_close(joint[key], single[key], atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_gradients(drop_path_rate: float) -> None:
+    """With stochastic depth too: the recomputation replays the same random subsets (the RNG state is restored)."""
     torch.manual_seed(0)
-    model = vit_tiny(patch_size=8, img_size=32, depth=2).train()
-    crops = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    model = vit_tiny(patch_size=8, img_size=32, depth=2, drop_path_rate=drop_path_rate).train()
+    crops = [torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)]
 
     def grads() -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
         model.zero_grad()
         outs = model.forward_features_list(crops)
         sum(o["x_norm_clstoken"].pow(2).sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()

@@ -159,6 +159,64 @@ def test_invalid_ranges_are_rejected() -> None:
         load_config("tiny_cpu", ["heads.levels=[0.5,0.25]"])
 
 
+def _leaf_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, str]:
+    """Every leaf key of the config and its annotation, read from the dataclasses here (not from franca's rules)."""
+    import typing
+
+    keys: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys.update(_leaf_keys(hints[item.name], f"{prefix}{item.name}."))
+        else:
+            keys[f"{prefix}{item.name}"] = str(hints[item.name])
+    return keys
+
+
+FLOAT_KEYS = [key for key, kind in _leaf_keys().items() if kind in ("<class 'float'>", "float | None")]
+FLOAT_LIST_KEYS = [key for key, kind in _leaf_keys().items() if "list[float]" in kind]
+INT_KEYS = [key for key, kind in _leaf_keys().items() if "int" in kind and "list" not in kind]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_rejects_non_finite_values(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'.*finite"):
+        load_config("tiny_cpu", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key", FLOAT_LIST_KEYS)
+def test_every_float_list_key_rejects_non_finite_elements(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'.*finite"):
+        load_config("tiny_cpu", [f"{key}=[0.1,inf]"])
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_integer_key_rejects_negative_values(key: str) -> None:
+    """No count, length, size or seed of the config means anything below zero."""
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("tiny_cpu", [f"{key}=-1"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.checkpoint_every=0",  # was a ZeroDivisionError at the first step
+        "train.log_every=0",
+        "optim.base_lr=inf",
+        "loss.koleo_weight=nan",
+        "crops.blur_sigma=[0.1,inf]",
+        "model.drop_path_rate=1.0",  # every residual branch dropped
+        "heads.init=kaiming",  # was accepted and failed when the heads were built
+    ],
+)
+def test_values_that_crashed_or_diverged_later_are_one_line(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^config key '{key}' ") as caught:
+        load_config("tiny_cpu", [override])
+    assert "\n" not in str(caught.value)
+
+
 def test_bad_override_syntax_and_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config("tiny_cpu", ["optim.base_lr"])

@@ -116,24 +116,84 @@ class DropPath(nn.Module):
         return drop_path(x, self.drop_prob, self.training)
 
 
+DROP_PATH_MODES = ("batch_subset", "per_sample")
+
+
+def check_drop_path_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`DROP_PATH_MODES`, else a ValueError naming the allowed values."""
+    if mode not in DROP_PATH_MODES:
+        allowed = " or ".join(repr(value) for value in DROP_PATH_MODES)
+        raise ValueError(f"unknown drop_path_mode {mode!r}: use {allowed}")
+    return mode
+
+
+def _batch_subset(batch: int, drop_rate: float, device: torch.device) -> tuple[Tensor, float]:
+    """The kept samples of one batch, floor(B(1-p)) of them (at least one) in random order, and the scale B / kept."""
+    subset_size = max(int(batch * (1 - drop_rate)), 1)
+    keep = torch.randperm(batch, device=device)[:subset_size]
+    return keep, batch / subset_size
+
+
+def _add_subset_residual(x: Tensor, keep: Tensor, branch: Tensor, scale: float) -> Tensor:
+    out = torch.index_add(x.flatten(1), 0, keep, branch.flatten(1).to(x.dtype), alpha=scale)
+    return out.view_as(x)
+
+
 def drop_add_residual_batch_subset(
     x: Tensor, residual: Callable[[Tensor], Tensor], drop_rate: float
 ) -> Tensor:
     """DINOv2's batch-subset stochastic depth: the branch runs on floor(B(1-p)) random samples only.
 
-    Their residual is added with the scale B / subset, the others pass unchanged; this saves the compute of the
-    dropped samples, which pays off for the high rates (p > 0.1) of ViT-L and ViT-g.
+    Their residual is added with the scale B / subset, the others pass unchanged. Unlike per-sample DropPath the
+    number of kept samples is fixed, and the dropped samples' compute is saved.
     """
-    batch = x.shape[0]
-    subset_size = max(int(batch * (1 - drop_rate)), 1)
-    keep = torch.randperm(batch, device=x.device)[:subset_size]
-    branch = residual(x[keep])
-    out = torch.index_add(x.flatten(1), 0, keep, branch.flatten(1).to(x.dtype), alpha=batch / subset_size)
-    return out.view_as(x)
+    keep, scale = _batch_subset(x.shape[0], drop_rate, x.device)
+    return _add_subset_residual(x, keep, residual(x[keep]), scale)
+
+
+def drop_add_residual_batch_subset_list(
+    xs: list[Tensor], residual: Callable[[list[Tensor]], list[Tensor]], drop_rate: float
+) -> list[Tensor]:
+    """Batch-subset stochastic depth of several crop batches at once, as the official nested (list) forward does.
+
+    Each list element draws its own subset of floor(B_i(1-p)) samples and its own scale B_i / subset; ``residual``
+    maps the list of subsets to the list of their branch outputs (in one fused call).
+    """
+    subsets = [_batch_subset(x.shape[0], drop_rate, x.device) for x in xs]
+    branches = residual([x[keep] for x, (keep, _) in zip(xs, subsets)])
+    return [
+        _add_subset_residual(x, keep, branch, scale)
+        for x, (keep, scale), branch in zip(xs, subsets, branches, strict=True)
+    ]
+
+
+def _concat_tokens(xs: list[Tensor]) -> Tensor:
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def _split_tokens(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+    sizes = [shape[0] * shape[1] for shape in shapes]
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))."""
+    """Pre-norm transformer block: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x)).
+
+    Stochastic depth in training (``drop_path_rate`` p > 0), by ``drop_path_mode``:
+
+    - ``"batch_subset"`` (default, the official student's): each residual branch runs on floor(B(1-p)) random
+      samples of the batch (at least one) and is added to them scaled by B / kept; the other samples pass
+      unchanged. In a list forward (:meth:`forward_list`, the multi-crop path the student takes in training) every
+      list element, i.e. every crop batch, draws its own subset, as the official nested forward does. The
+      official single-tensor ``Block.forward`` uses per-sample DropPath for 0 < p <= 0.1 and the batch subset only
+      above 0.1, but the official student never takes that path: it always runs the nested list forward, which
+      takes the batch subset for any p > 0. Here both paths take the batch subset for any p > 0, so that a student
+      without local crops (franca sends a single tensor then) draws the same stochastic depth.
+    - ``"per_sample"``: timm's DropPath on both paths at every rate; each sample's branch is zeroed independently
+      with probability p and the others are scaled by 1 / (1 - p). Every sample is computed.
+
+    In eval mode, or with p = 0 (how the teacher switches it off), there is no stochastic depth.
+    """
 
     def __init__(
         self,
@@ -146,6 +206,7 @@ class Block(nn.Module):
         ffn_bias: bool = True,
         layerscale_init: float | None = 1e-5,
         drop_path_rate: float = 0.0,
+        drop_path_mode: str = "batch_subset",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -160,7 +221,12 @@ class Block(nn.Module):
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or 'swiglu'")
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path_rate = drop_path_rate
+        self.drop_path_mode = check_drop_path_mode(drop_path_mode)
+        # used by the per_sample mode only (no parameters either way)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def _drops_batch_subset(self) -> bool:
+        return self.training and self.drop_path_rate > 0 and self.drop_path_mode == "batch_subset"
 
     def attn_residual(self, x: Tensor) -> Tensor:
         return self.ls1(self.attn(self.norm1(x)))
@@ -173,7 +239,7 @@ class Block(nn.Module):
         ``__call__`` too, so that module hooks (FSDP2's parameter gathering) run for them."""
         if isinstance(x, list):
             return self.forward_list(x)
-        if self.training and self.drop_path_rate > 0.1:
+        if self._drops_batch_subset():
             x = drop_add_residual_batch_subset(x, self.attn_residual, self.drop_path_rate)
             return drop_add_residual_batch_subset(x, self.ffn_residual, self.drop_path_rate)
         x = x + self.drop_path(self.attn_residual(x))
@@ -181,13 +247,23 @@ class Block(nn.Module):
 
     def forward_list(self, xs: list[Tensor]) -> list[Tensor]:
         """Several crops' tokens [B_i, N_i, D] at once: norms, projections and MLP run on all tokens concatenated,
-        attention runs per crop. Mathematically the same as ``[self(x) for x in xs]``, with fewer, larger kernels.
+        attention runs per crop. Mathematically the same as ``[self(x) for x in xs]``, with fewer, larger kernels
+        (with batch-subset stochastic depth, on the concatenated subsets).
         """
-        if len(xs) == 1 or (self.training and self.drop_path_rate > 0.1):
-            return [self.forward(x) for x in xs]
+        if len(xs) == 1:
+            return [self.forward(xs[0])]
+        if self._drops_batch_subset():
+            xs = drop_add_residual_batch_subset_list(xs, self._attn_residual_list, self.drop_path_rate)
+            return drop_add_residual_batch_subset_list(xs, self._ffn_residual_list, self.drop_path_rate)
         shapes = [x.shape for x in xs]
+        flat = _concat_tokens(xs)
+        flat = self._add_residual(flat, self._attn_residual_flat(flat, shapes), shapes)
+        flat = self._add_residual(flat, self.ffn_residual(flat), shapes)
+        return _split_tokens(flat, shapes)
+
+    def _attn_residual_flat(self, flat: Tensor, shapes: list[torch.Size]) -> Tensor:
+        """ls1(attn(norm1 x)) of concatenated crops' tokens [sum B_i N_i, D], attention within each crop."""
         sizes = [shape[0] * shape[1] for shape in shapes]
-        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         qkv = self.attn.qkv(self.norm1(flat)).split(sizes)
         attended = torch.cat(
             [
@@ -195,16 +271,19 @@ class Block(nn.Module):
                 for part, shape in zip(qkv, shapes)
             ]
         )
-        flat = self._add_residual(flat, self.ls1(self.attn.proj(attended)), shapes)
-        flat = self._add_residual(flat, self.ffn_residual(flat), shapes)
-        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+        return self.ls1(self.attn.proj(attended))
+
+    def _attn_residual_list(self, xs: list[Tensor]) -> list[Tensor]:
+        shapes = [x.shape for x in xs]
+        return _split_tokens(self._attn_residual_flat(_concat_tokens(xs), shapes), shapes)
+
+    def _ffn_residual_list(self, xs: list[Tensor]) -> list[Tensor]:
+        shapes = [x.shape for x in xs]
+        return _split_tokens(self.ffn_residual(_concat_tokens(xs)), shapes)
 
     def _add_residual(self, flat: Tensor, branch: Tensor, shapes: list[torch.Size]) -> Tensor:
+        """flat + branch, with per-sample DropPath per crop batch in training (the per_sample mode)."""
         if not (self.training and self.drop_path_rate > 0):
             return flat + branch
-        sizes = [shape[0] * shape[1] for shape in shapes]
-        dropped = [
-            self.drop_path(part.view(shape)).reshape(-1, shape[2])
-            for part, shape in zip(branch.split(sizes), shapes)
-        ]
+        dropped = [self.drop_path(part).reshape(-1, part.shape[-1]) for part in _split_tokens(branch, shapes)]
         return flat + torch.cat(dropped)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from franca.models.layers import Block, PatchEmbed, swiglu_hidden_dim
+from franca.models.layers import Block, PatchEmbed, check_drop_path_mode, swiglu_hidden_dim
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,15 @@ class ViTConfig:
     ffn_bias: bool = True
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = True
+    # Training-time stochastic depth: "batch_subset" (the official student's: each residual branch runs on
+    # floor(B(1-p)) random samples of every crop batch, scaled by B / kept, for any p > 0) or "per_sample" (DropPath).
+    # No effect on the weights or in eval mode; exports written before this field load with the default.
+    drop_path_mode: str = "batch_subset"
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+
+    def __post_init__(self) -> None:
+        check_drop_path_mode(self.drop_path_mode)
 
     def resolved_ffn_hidden_dim(self) -> int:
         if self.ffn_hidden_dim:
@@ -106,6 +113,7 @@ class DinoVisionTransformer(nn.Module):
                 ffn_bias=config.ffn_bias,
                 layerscale_init=config.layerscale_init,
                 drop_path_rate=rate,
+                drop_path_mode=config.drop_path_mode,
             )
             for rate in rates
         )

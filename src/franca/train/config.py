@@ -35,22 +35,28 @@ from franca.errors import ConfigError
 PRESET_PACKAGE = "franca"
 PRESET_FOLDER = "configs"
 
-# Value choices of the string fields, by full key.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"),
-    "model.ffn_layer": ("swiglu", "mlp"),
-    "heads.mode": ("slice", "project", "tied", "dinov2"),
-    "crops.blur_probabilities": ("effective", "nominal"),
-    "loss.centering": ("sinkhorn", "centering"),
-    "optim.lr_scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
-    "optim.lr_schedule": ("cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.kind": ("auto", "folder", "imagefolder", "filelist", "webdataset"),
-    "distributed.strategy": ("ddp", "fsdp"),
-    "train.checkpoint_format": ("auto", "single", "sharded"),
-    "distributed.init_device": ("auto", "meta", "cpu"),
-    "distributed.backend": ("auto", "nccl", "gloo"),
-}
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = None,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field with its allowed values: ``choices`` for strings, bounds for numbers (each element of a list).
+
+    :func:`validate_config` reads them from the dataclass, so a value's rule lives beside its type and default.
+    Every float (lists included) must also be finite.
+    """
+    rules = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    metadata = {name: rule for name, rule in rules.items() if rule is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 # Nesting levels used when ``heads.levels`` is null: the paper's five widths d/16 ... d.
 DEFAULT_LEVELS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -60,17 +66,22 @@ DEFAULT_LEVELS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 class ModelConfig:
     """Backbone. ``arch`` picks width/depth/heads; ``embed_dim``/``depth``/``num_heads`` override them when set."""
 
-    arch: str = "vit_base"
-    patch_size: int = 14
-    img_size: int = 224  # size the position embedding is built for (its grid is img_size // patch_size)
-    ffn_layer: str = "swiglu"
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    num_register_tokens: int = 0
-    drop_path_rate: float = 0.1
+    arch: str = setting("vit_base", choices=("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"))
+    patch_size: int = setting(14, gt=0)
+    img_size: int = setting(
+        224, gt=0
+    )  # size the position embedding is built for (its grid is img_size // patch_size)
+    ffn_layer: str = setting("swiglu", choices=("swiglu", "mlp"))
+    embed_dim: int | None = setting(None, gt=0)
+    depth: int | None = setting(None, gt=0)
+    num_heads: int | None = setting(None, gt=0)
+    num_register_tokens: int = setting(0, ge=0)
+    drop_path_rate: float = setting(0.1, ge=0.0, lt=1.0)
     drop_path_uniform: bool = True
-    layerscale_init: float = 1e-5
+    # batch_subset: the official student's stochastic depth (each residual branch runs on floor(B(1-p)) random
+    # samples of every crop batch, scaled by B / kept); per_sample: timm's DropPath (whole samples zeroed)
+    drop_path_mode: str = setting("batch_subset", choices=("batch_subset", "per_sample"))
+    layerscale_init: float = setting(1e-5, ge=0.0)  # 0: no LayerScale
     # Continued training / HRFT: a backbone checkpoint loaded into student and teacher before training.
     pretrained_backbone: str | None = None
     # Head weights (dino_head/ibot_head) to start from; null re-initialises the heads.
@@ -85,6 +96,7 @@ class ModelConfig:
             "num_register_tokens": self.num_register_tokens,
             "drop_path_rate": self.drop_path_rate,
             "drop_path_uniform": self.drop_path_uniform,
+            "drop_path_mode": self.drop_path_mode,
             "layerscale_init": self.layerscale_init,
         }
         for name in ("embed_dim", "depth", "num_heads"):
@@ -103,17 +115,17 @@ class HeadsConfig:
     ``n_prototypes``: prototypes of the *largest* level; level j gets int(n_prototypes * m_j / d).
     """
 
-    mode: str = "slice"
-    levels: list[float] | None = None
-    n_prototypes: int = 131072
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 384
-    nlayers: int = 3
+    mode: str = setting("slice", choices=("slice", "project", "tied", "dinov2"))
+    levels: list[float] | None = setting(None, gt=0.0, le=1.0)
+    n_prototypes: int = setting(131072, gt=0)
+    hidden_dim: int = setting(2048, gt=0)
+    bottleneck_dim: int = setting(384, gt=0)
+    nlayers: int = setting(3, gt=0)
     separate_ibot_head: bool = True
     # Not the official head: L2-normalise each level's bottleneck as DINOv2 does (see MatryoshkaHead).
     normalize_bottleneck: bool = False
     # official: trunc-normal 0.02 (the official code); fan_in: std 1/sqrt(fan_in), for narrow CPU-sized heads.
-    init: str = "official"
+    init: str = setting("official", choices=("official", "fan_in"))
 
     def resolved_levels(self) -> list[float]:
         """The nesting fractions in use (``[1.0]`` for the single-head ``dinov2`` mode)."""
@@ -130,21 +142,21 @@ class CropsConfig:
     were trained with because of the inherited DINOv2 bug; ``nominal`` = (1.0, 0.1, 0.5) as written in the configs.
     """
 
-    global_size: int = 224
-    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
-    n_local: int = 8
-    local_size: int = 98
-    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    blur_probabilities: str = "effective"
-    solarize_probability: float = 0.2  # on the second global crop only
+    global_size: int = setting(224, gt=0)
+    global_scale: list[float] = setting(factory=lambda: [0.32, 1.0], gt=0.0, le=1.0)
+    n_local: int = setting(8, ge=0)
+    local_size: int = setting(98, gt=0)
+    local_scale: list[float] = setting(factory=lambda: [0.05, 0.32], gt=0.0, le=1.0)
+    blur_probabilities: str = setting("effective", choices=("effective", "nominal"))
+    solarize_probability: float = setting(0.2, ge=0.0, le=1.0)  # on the second global crop only
     # Gaussian-blur sigma range in pixels of the crop (the paper's [0.1, 2] is meant for 224-px crops and is
     # relatively ~7x stronger on 32-px crops; scaling it down did not help the tiny demo, docs/demo-learning.md)
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_sigma: list[float] = setting(factory=lambda: [0.1, 2.0], gt=0.0)
     # ColorJitter strengths (brightness, contrast, saturation, hue in turns <= 0.5), applied with
     # color_jitter_probability, then grayscale with grayscale_probability (the paper's values are the defaults)
-    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
-    color_jitter_probability: float = 0.8
-    grayscale_probability: float = 0.2
+    color_jitter: list[float] = setting(factory=lambda: [0.4, 0.4, 0.2, 0.1], ge=0.0)
+    color_jitter_probability: float = setting(0.8, ge=0.0, le=1.0)
+    grayscale_probability: float = setting(0.2, ge=0.0, le=1.0)
     # data workers only crop and flip (uint8); colour, blur, solarisation and normalisation run batched on the
     # training device (franca.data.device_augment): for GPUs, whose CPU pipeline is otherwise the bottleneck
     augment_on_device: bool = False
@@ -154,9 +166,9 @@ class CropsConfig:
 class MaskingConfig:
     """CyclicMask on the student's global crops (method §3)."""
 
-    probability: float = 0.5  # fraction of global crops that receive a mask
-    ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.65])
-    min_aspect: float = 0.3
+    probability: float = setting(0.5, ge=0.0, le=1.0)  # fraction of global crops that receive a mask
+    ratio_min_max: list[float] = setting(factory=lambda: [0.1, 0.65], ge=0.0, le=1.0)
+    min_aspect: float = setting(0.3, gt=0.0, le=1.0)
     roll: bool = True
 
 
@@ -164,17 +176,19 @@ class MaskingConfig:
 class LossConfig:
     """Loss weights and temperatures (method §2.3-2.7). ``level_weights`` null = equal weights (1 per level)."""
 
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    level_weights: list[float] | None = None
-    centering: str = "sinkhorn"
-    sk_iterations: int = 3
-    center_momentum: float = 0.9  # only for centering=centering (one EMA centre per level)
-    student_temp: float = 0.1
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.07
-    teacher_temp_warmup_iterations: int = 37500  # 30 official "epochs" of 1250 iterations
+    dino_weight: float = setting(1.0, ge=0.0)
+    ibot_weight: float = setting(1.0, ge=0.0)
+    koleo_weight: float = setting(0.1, ge=0.0)
+    level_weights: list[float] | None = setting(None, ge=0.0)
+    centering: str = setting("sinkhorn", choices=("sinkhorn", "centering"))
+    sk_iterations: int = setting(3, gt=0)
+    center_momentum: float = setting(
+        0.9, ge=0.0, le=1.0
+    )  # only for centering=centering (one EMA centre per level)
+    student_temp: float = setting(0.1, gt=0.0)
+    teacher_temp_start: float = setting(0.04, gt=0.0)
+    teacher_temp: float = setting(0.07, gt=0.0)
+    teacher_temp_warmup_iterations: int = setting(37500, ge=0)  # 30 official "epochs" of 1250 iterations
 
 
 @dataclass
@@ -188,20 +202,20 @@ class OptimConfig:
     and teacher momentum follow cosines over the whole run.
     """
 
-    base_lr: float = 7.0711e-4  # 1e-3 at global batch 2048 with sqrt_wrt_1024 (paper, ViT-B)
-    lr_scaling_rule: str = "sqrt_wrt_1024"
-    lr_schedule: str = "cosine"
-    min_lr: float = 1e-6
-    warmup_iterations: int = 100000
-    weight_decay_start: float = 0.04
-    weight_decay_end: float = 0.2
-    teacher_momentum_start: float = 0.994
-    teacher_momentum_end: float = 1.0
+    base_lr: float = setting(7.0711e-4, gt=0.0)  # 1e-3 at global batch 2048 with sqrt_wrt_1024 (paper, ViT-B)
+    lr_scaling_rule: str = setting("sqrt_wrt_1024", choices=("sqrt_wrt_1024", "linear_wrt_256", "none"))
+    lr_schedule: str = setting("cosine", choices=("cosine", "constant"))
+    min_lr: float = setting(1e-6, ge=0.0)
+    warmup_iterations: int = setting(100000, ge=0)
+    weight_decay_start: float = setting(0.04, ge=0.0)
+    weight_decay_end: float = setting(0.2, ge=0.0)
+    teacher_momentum_start: float = setting(0.994, ge=0.0, le=1.0)
+    teacher_momentum_end: float = setting(1.0, ge=0.0, le=1.0)
     clip_grad: float = 3.0  # per module (backbone, dino_head, ibot_head); <= 0 disables
-    patch_embed_lr_mult: float = 0.2
-    layerwise_decay: float = 1.0
-    freeze_last_layer_iterations: int = 1250
-    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    patch_embed_lr_mult: float = setting(0.2, ge=0.0)
+    layerwise_decay: float = setting(1.0, gt=0.0)
+    freeze_last_layer_iterations: int = setting(1250, ge=0)
+    adamw_betas: list[float] = setting(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -213,24 +227,26 @@ class RunConfig:
     ``precision``: ``auto`` = bf16 autocast on CUDA devices that support it, fp32 otherwise (CPU always fp32).
     """
 
-    batch_size_per_device: int = 32
-    global_batch_size: int | None = None
-    iterations: int = 625000
-    epoch_length: int = 1250
-    seed: int = 0
-    num_workers: int = 8
-    precision: str = "auto"
+    batch_size_per_device: int = setting(32, gt=0)
+    global_batch_size: int | None = setting(None, gt=0)
+    iterations: int = setting(625000, gt=0)
+    epoch_length: int = setting(1250, gt=0)
+    seed: int = setting(0, ge=0)
+    num_workers: int = setting(8, ge=0)
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = False
     activation_checkpointing: bool = False
     output_dir: str = "runs/train"
-    checkpoint_every: int = 12500
-    log_every: int = 20
-    keep_last: int = 3
+    checkpoint_every: int = setting(12500, gt=0)
+    log_every: int = setting(20, gt=0)
+    keep_last: int = setting(3, ge=0)  # 0 keeps every checkpoint
     # single: one consolidated file per checkpoint, gathered on rank 0; sharded: a torch.distributed.checkpoint
     # folder that every rank writes its shards into; auto: sharded when the networks are sharded (FSDP)
-    checkpoint_format: str = "auto"
+    checkpoint_format: str = setting("auto", choices=("auto", "single", "sharded"))
     checkpoint_async: bool = False  # sharded only: write in a background thread while training goes on
-    max_consecutive_nonfinite: int = 5  # stop after this many steps in a row with a non-finite loss
+    max_consecutive_nonfinite: int = setting(
+        5, gt=0
+    )  # stop after this many steps in a row with a non-finite loss
     tensorboard: bool = (
         False  # also write TensorBoard events to <run>/tensorboard (needs the tensorboard extra)
     )
@@ -241,31 +257,31 @@ class DataConfig:
     """Training images. ``kind=auto`` infers the layout from ``path`` (folder, ImageFolder tree, file list, shards)."""
 
     path: str | None = None
-    kind: str = "auto"
+    kind: str = setting("auto", choices=("auto", "folder", "imagefolder", "filelist", "webdataset"))
 
 
 @dataclass
 class DistributedConfig:
     """Multi-process training. ``fsdp`` shards parameters (reshard_after_forward false = SHARD_GRAD_OP, official)."""
 
-    strategy: str = "ddp"
-    backend: str = "auto"  # nccl on CUDA, gloo on CPU
+    strategy: str = setting("ddp", choices=("ddp", "fsdp"))
+    backend: str = setting("auto", choices=("auto", "nccl", "gloo"))  # nccl on CUDA, gloo on CPU
     fsdp_reshard_after_forward: bool = False
     # where the networks are built: meta = shapes only, then each rank materialises its shards with the CPU build's
     # exact weights (no rank holds the whole model); cpu = the whole networks on every rank; auto = meta under FSDP
     # on several ranks when no pretrained weights are loaded
-    init_device: str = "auto"
+    init_device: str = setting("auto", choices=("auto", "meta", "cpu"))
 
 
 @dataclass
 class EvalConfig:
     """Optional k-NN monitoring during training; ``every`` = 0 disables it."""
 
-    every: int = 0
+    every: int = setting(0, ge=0)
     train_path: str | None = None
     val_path: str | None = None
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = setting(20, gt=0)
+    knn_temperature: float = setting(0.07, gt=0.0)
 
 
 @dataclass
@@ -548,114 +564,70 @@ def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"config key '{key}' {message}")
 
 
-def _check_pair(key: str, pair: Sequence[float], low: float, high: float, strict_low: bool = True) -> None:
-    """Check a [min, max] pair with low < min (or low <= min) <= max <= high."""
-    if len(pair) != 2:
-        _fail(key, f"must be a pair [min, max], got {list(pair)}")
-    first, second = pair
-    low_ok = first > low if strict_low else first >= low
-    if not low_ok or first > second or second > high:
-        operator = "<" if strict_low else "<="
-        _fail(key, f"must be a pair [min, max] with {low} {operator} min <= max <= {high}, got {list(pair)}")
+def _rules(cls: type = TrainConfig, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """The :func:`setting` rules of every field, by full key ("train.checkpoint_every": {"gt": 0})."""
+    rules: dict[str, dict[str, Any]] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        kind = hints[item.name]
+        if dataclasses.is_dataclass(kind):
+            rules.update(_rules(kind, f"{prefix}{item.name}."))
+        else:
+            rules[f"{prefix}{item.name}"] = dict(item.metadata)
+    return rules
+
+
+_BOUNDS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
+
+
+def _check_value(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """Check one field's value (each element of a list) against its rules; floats must be finite."""
+    for element in value if isinstance(value, (list, tuple)) else [value]:
+        if element is None or isinstance(element, (bool, str)):
+            if "choices" in rules and element not in rules["choices"]:
+                allowed = rules["choices"]
+                close = difflib.get_close_matches(str(element), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                _fail(key, f"must be one of {', '.join(allowed)}; got '{element}'{hint}")
+            continue
+        if isinstance(element, float) and not math.isfinite(element):
+            _fail(key, f"must be a finite number, got {value}")
+        for name, (holds, operator) in _BOUNDS.items():
+            if name in rules and not holds(element, rules[name]):
+                what = "have every value" if isinstance(value, (list, tuple)) else "be"
+                _fail(key, f"must {what} {operator} {rules[name]}, got {value}")
+
+
+# Value choices of the string fields, by full key (from the dataclasses' settings).
+CHOICES: dict[str, tuple[str, ...]] = {
+    key: rules["choices"] for key, rules in _rules().items() if "choices" in rules
+}
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Check choices and value ranges; raise ConfigError naming the first bad key."""
-    for key, allowed in CHOICES.items():
+    """Check every value against its field's :func:`setting` rules, then the rules between fields; raise
+    ConfigError naming the first bad key."""
+    for key, rules in _rules().items():
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            _fail(key, f"must be one of {', '.join(allowed)}; got '{value}'{hint}")
-
-    positive = {
-        "model.patch_size": config.model.patch_size,
-        "model.img_size": config.model.img_size,
-        "crops.global_size": config.crops.global_size,
-        "crops.local_size": config.crops.local_size,
-        "heads.n_prototypes": config.heads.n_prototypes,
-        "heads.hidden_dim": config.heads.hidden_dim,
-        "heads.bottleneck_dim": config.heads.bottleneck_dim,
-        "heads.nlayers": config.heads.nlayers,
-        "loss.sk_iterations": config.loss.sk_iterations,
-        "train.batch_size_per_device": config.train.batch_size_per_device,
-        "train.iterations": config.train.iterations,
-        "train.epoch_length": config.train.epoch_length,
-        "train.log_every": config.train.log_every,
-        "train.max_consecutive_nonfinite": config.train.max_consecutive_nonfinite,
-        "eval.knn_k": config.eval.knn_k,
-    }
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(config.model, name) is not None:
-            positive[f"model.{name}"] = getattr(config.model, name)
-    if config.train.global_batch_size is not None:
-        positive["train.global_batch_size"] = config.train.global_batch_size
-    for key, value in positive.items():
-        if value <= 0:
-            _fail(key, f"must be positive, got {value}")
-
-    non_negative = {
-        "model.num_register_tokens": config.model.num_register_tokens,
-        "model.drop_path_rate": config.model.drop_path_rate,
-        "crops.n_local": config.crops.n_local,
-        "loss.dino_weight": config.loss.dino_weight,
-        "loss.ibot_weight": config.loss.ibot_weight,
-        "loss.koleo_weight": config.loss.koleo_weight,
-        "loss.teacher_temp_warmup_iterations": config.loss.teacher_temp_warmup_iterations,
-        "optim.min_lr": config.optim.min_lr,
-        "optim.warmup_iterations": config.optim.warmup_iterations,
-        "optim.weight_decay_start": config.optim.weight_decay_start,
-        "optim.weight_decay_end": config.optim.weight_decay_end,
-        "optim.freeze_last_layer_iterations": config.optim.freeze_last_layer_iterations,
-        "optim.patch_embed_lr_mult": config.optim.patch_embed_lr_mult,
-        "train.num_workers": config.train.num_workers,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.keep_last": config.train.keep_last,
-        "eval.every": config.eval.every,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            _fail(key, f"must be >= 0, got {value}")
-
-    for key, value in {
-        "optim.base_lr": config.optim.base_lr,
-        "loss.student_temp": config.loss.student_temp,
-        "loss.teacher_temp_start": config.loss.teacher_temp_start,
-        "loss.teacher_temp": config.loss.teacher_temp,
-        "optim.layerwise_decay": config.optim.layerwise_decay,
-        "masking.min_aspect": config.masking.min_aspect,
-    }.items():
-        if not value > 0:
-            _fail(key, f"must be > 0, got {value}")
-
-    for key, value in {
-        "model.drop_path_rate": config.model.drop_path_rate,
-        "masking.probability": config.masking.probability,
-        "crops.solarize_probability": config.crops.solarize_probability,
-        "crops.color_jitter_probability": config.crops.color_jitter_probability,
-        "crops.grayscale_probability": config.crops.grayscale_probability,
-        "loss.center_momentum": config.loss.center_momentum,
-        "optim.teacher_momentum_start": config.optim.teacher_momentum_start,
-        "optim.teacher_momentum_end": config.optim.teacher_momentum_end,
-        "masking.min_aspect": config.masking.min_aspect,
-    }.items():
-        if not 0.0 <= value <= 1.0:
-            _fail(key, f"must be within [0, 1], got {value}")
-
-    _check_pair("crops.global_scale", config.crops.global_scale, 0.0, 1.0)
-    _check_pair("crops.local_scale", config.crops.local_scale, 0.0, 1.0)
-    _check_pair("crops.blur_sigma", config.crops.blur_sigma, 0.0, math.inf)
+        _check_value(key, getattr(getattr(config, section), name), rules)
+    for key in ("crops.global_scale", "crops.local_scale", "crops.blur_sigma", "masking.ratio_min_max"):
+        section, name = key.split(".")
+        pair = list(getattr(getattr(config, section), name))
+        if len(pair) != 2 or pair[0] > pair[1]:
+            _fail(key, f"must be a pair [min, max] with min <= max, got {pair}")
     jitter = list(config.crops.color_jitter)
-    if len(jitter) != 4 or min(jitter) < 0.0 or jitter[3] > 0.5:
+    if len(jitter) != 4 or jitter[3] > 0.5:
         _fail(
             "crops.color_jitter",
             f"must be four strengths [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, got {jitter}",
         )
-    _check_pair("masking.ratio_min_max", config.masking.ratio_min_max, 0.0, 1.0, strict_low=False)
-    betas = config.optim.adamw_betas
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        _fail("optim.adamw_betas", f"must be two numbers in [0, 1), got {list(betas)}")
+    if len(config.optim.adamw_betas) != 2:
+        _fail("optim.adamw_betas", f"must be two numbers in [0, 1), got {list(config.optim.adamw_betas)}")
 
     patch = config.model.patch_size
     for key, size in {
