@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -239,3 +243,324 @@ def test_read_state_dict_unwraps() -> None:
     assert list(read_state_dict(state)) == ["a"]
     with pytest.raises(CheckpointError, match="no tensors"):
         read_state_dict({"epoch": 3})
+
+
+# ------------------------------------------- broken exports, heads files and overrides: one line, never a traceback
+
+
+def _rest(message: str, path: Path) -> str:
+    """``message`` without the path it must name (test folders carry test names, which could match a key)."""
+    assert str(path) in message, message
+    return message.replace(str(path), "<file>")
+
+
+def _rewrite_export(path: Path, out: Path, tensors: dict | None = None, metadata: dict | None = None) -> Path:
+    """A copy of the export ``path`` with some tensors or metadata entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = dict(handle.metadata())
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    state.update(tensors or {})
+    stored.update(metadata or {})
+    save_file(state, str(out), metadata=stored)
+    return out
+
+
+@pytest.fixture()
+def export(tmp_path: Path) -> Path:
+    return save_backbone(_reference_model(), tmp_path / "export.safetensors")
+
+
+def _config_with(export: Path, **changes) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(export), framework="pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    config.update(changes)
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    ("key", "shape", "expected"),
+    [("pos_embed", (1, 5, 128), "[1, 17, 128]"), ("blocks.0.attn.qkv.weight", (10, 128), "[384, 128]")],
+)
+def test_export_with_a_tensor_of_the_wrong_shape(
+    tmp_path: Path, export: Path, key: str, shape: tuple, expected: str
+) -> None:
+    bad = _rewrite_export(export, tmp_path / "edited.safetensors", tensors={key: torch.zeros(shape)})
+    with pytest.raises(CheckpointError) as excinfo:
+        load_backbone(bad)
+    message = _rest(_message(excinfo), bad)
+    assert repr(key) in message
+    assert str(list(shape)) in message and expected in message
+
+
+def test_wrong_shape_in_an_official_layout_names_the_tensor(tmp_path: Path) -> None:
+    state = _reference_model().state_dict()
+    state["blocks.3.attn.proj.weight"] = torch.zeros(128, 7)
+    path = tmp_path / "official.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_backbone(path, num_heads=2)
+    message = _rest(_message(excinfo), path)
+    assert "'blocks.3.attn.proj.weight'" in message and "[128, 7]" in message
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ("[1, 2, 3]", "config"),
+        ("not json {", "config"),
+        ("ffn_layer=gelu2", "ffn_layer"),
+        ("embed_dim=64", "embed_dim"),
+        ("colour=blue", "colour"),
+        ("num_heads=0", "num_heads"),
+        ("num_heads=3", "num_heads"),
+        ("img_size=0", "img_size"),
+        ("patch_size=0", "patch_size"),
+        ("depth=-2", "depth"),
+        ("embed_dim=abc", "embed_dim"),
+    ],
+)
+def test_malformed_config_metadata(tmp_path: Path, export: Path, config: str, named: str) -> None:
+    if "=" in config:
+        key, value = config.split("=")
+        config = _config_with(export, **{key: int(value) if value.lstrip("-").isdigit() else value})
+    bad = _rewrite_export(export, tmp_path / "meta.safetensors", metadata={"config": config})
+    with pytest.raises(CheckpointError) as excinfo:
+        load_backbone(bad)
+    message = _rest(_message(excinfo), bad)
+    assert named in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_heads": 0},
+        {"img_size": 0},
+        {"img_size": -32},
+        {"patch_size": 0},
+        {"depth": -1},
+        {"num_heads": -2},
+    ],
+)
+def test_impossible_overrides(export: Path, overrides: dict) -> None:
+    with pytest.raises(CheckpointError) as excinfo:
+        load_backbone(export, **overrides)
+    message = _rest(_message(excinfo), export)
+    key, value = next(iter(overrides.items()))
+    assert f"{key}={value}" in message
+
+
+def _heads_file(tmp_path: Path, name: str = "teacher_heads.pth", **replaced: torch.Tensor) -> Path:
+    """A teacher_heads.pth as training writes it: {"teacher": {dino_head.*, ibot_head.*}, "iteration": N}."""
+    from franca.models.heads import MatryoshkaHead, heads_state_dict_official
+
+    head = MatryoshkaHead(128, n_prototypes=64, hidden_dim=32, bottleneck_dim=16, nlayers=2)
+    teacher = {
+        **heads_state_dict_official(head, "dino_head."),
+        **heads_state_dict_official(head, "ibot_head."),
+    }
+    teacher.update(replaced)
+    path = tmp_path / name
+    torch.save({"teacher": teacher, "iteration": 7}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("dino_head.last_layers.4.weight_v", (64,)),
+        ("ibot_head.mlps.0.0.weight", (32,)),
+        ("dino_head.matryoshka_projections.2.weight", (32,)),
+        ("dino_head.last_layers.0.weight_g", (4, 1, 1)),
+    ],
+)
+def test_heads_file_with_a_wrong_rank_tensor(tmp_path: Path, key: str, shape: tuple) -> None:
+    from franca.models.heads import load_heads
+
+    assert set(load_heads(_heads_file(tmp_path, "good.pth"))) == {"dino_head", "ibot_head"}
+    path = _heads_file(tmp_path, **{key: torch.zeros(shape)})
+    with pytest.raises(CheckpointError) as excinfo:
+        load_heads(path)
+    message = _rest(_message(excinfo), path)
+    assert f"'{key}'" in message and str(list(shape)) in message
+
+
+def test_heads_file_with_a_wrong_shape_names_the_official_key(tmp_path: Path) -> None:
+    from franca.models.heads import load_heads
+
+    path = _heads_file(tmp_path, **{"ibot_head.mlps.1.2.bias": torch.zeros(5)})
+    with pytest.raises(CheckpointError) as excinfo:
+        load_heads(path)
+    message = _rest(_message(excinfo), path)
+    assert "'ibot_head.mlps.1.2.bias'" in message and "[5]" in message
+    assert "parametrizations" not in message
+
+
+_TORCH_ADVICE = ("weights_only", "safe_globals", "arbitrary code", "\x1b")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt"])
+def test_random_bytes_never_pass_on_torch_advice(tmp_path: Path, suffix: str) -> None:
+    from franca.models.heads import load_heads
+
+    path = tmp_path / f"random{suffix}"
+    path.write_bytes(
+        torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1)).byte().numpy().tobytes()
+    )
+    for load in (load_backbone, load_heads):
+        with pytest.raises(CheckpointError) as excinfo:
+            load(path)
+        message = _rest(_message(excinfo), path)
+        assert "not a readable PyTorch checkpoint" in message
+        assert not any(advice in message for advice in _TORCH_ADVICE), message
+
+
+def test_pickled_objects_never_pass_on_torch_advice(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": _NotATensor(), "x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_backbone(path)
+    message = _rest(_message(excinfo), path)
+    assert "_NotATensor" in message and not any(advice in message for advice in _TORCH_ADVICE), message
+
+
+class _Records(logging.Handler):
+    """Collects the records of one logger (pytest's logging plugin is off in this project's runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture()
+def checkpoint_log() -> Iterator[_Records]:
+    handler = _Records()
+    logger = logging.getLogger("franca.checkpoints")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _poisoned(state: dict, keys: list[str]) -> dict:
+    state = dict(state)
+    for index, key in enumerate(keys):
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan") if index % 2 == 0 else float("inf")
+    return state
+
+
+def test_non_finite_backbone_weights_load_with_one_warning(tmp_path: Path, checkpoint_log: _Records) -> None:
+    keys = ["blocks.0.attn.qkv.weight", "blocks.1.attn.proj.bias", "norm.weight"]
+    path = tmp_path / "nan.pth"
+    torch.save(_poisoned(_reference_model().state_dict(), keys), path)
+    model = load_backbone(path, num_heads=2)
+    assert torch.isnan(model.blocks[0].attn.qkv.weight).any()
+    warnings = [r for r in checkpoint_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = _rest(warnings[0].getMessage(), path)
+    assert "3 tensors" in message and "blocks.0.attn.qkv.weight" in message
+    assert "\n" not in message
+    checkpoint_log.records.clear()
+    load_backbone(_reference_model().state_dict(), num_heads=2)
+    assert not checkpoint_log.records
+
+
+def test_non_finite_head_weights_load_with_one_warning(tmp_path: Path, checkpoint_log: _Records) -> None:
+    from franca.models.heads import load_heads
+
+    good = torch.load(_heads_file(tmp_path, "good.pth"), weights_only=True)["teacher"]
+    path = _heads_file(tmp_path, **_poisoned(good, ["ibot_head.mlps.0.0.weight"]))
+    heads = load_heads(path)
+    assert set(heads) == {"dino_head", "ibot_head"}
+    warnings = [r.getMessage() for r in checkpoint_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "ibot_head.mlps.0.0.weight" in _rest(warnings[0], path)
+
+
+@pytest.fixture()
+def one_image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(folder / "a.png")
+    return folder
+
+
+@pytest.mark.parametrize("fault", ["random", "shape", "num_heads", "ffn_layer"])
+def test_cli_reports_a_broken_checkpoint_in_one_line(
+    tmp_path: Path, export: Path, one_image: Path, fault: str, capsys
+) -> None:
+    from franca.cli import main
+
+    if fault == "random":
+        bad = tmp_path / "bad.pth"
+        bad.write_bytes(bytes(range(256)) * 20)
+    else:
+        bad = tmp_path / "bad.safetensors"
+        tensors = {"pos_embed": torch.zeros(1, 5, 128)} if fault == "shape" else None
+        metadata = None
+        if fault == "num_heads":
+            metadata = {"config": _config_with(export, num_heads=0)}
+        elif fault == "ffn_layer":
+            metadata = {"config": _config_with(export, ffn_layer="gelu2")}
+        _rewrite_export(export, bad, tensors=tensors, metadata=metadata)
+    capsys.readouterr()
+    for argv in (
+        ["embed", str(one_image), "--checkpoint", str(bad), "--out", str(tmp_path / "f.npy")],
+        [
+            "eval",
+            "pca",
+            "--checkpoint",
+            str(bad),
+            "--images",
+            str(one_image),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+    ):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code != 0
+        assert len(err.strip().splitlines()) == 1 and "bad." in err and "Traceback" not in err, err
+        assert "weights_only" not in err
+
+
+def test_cli_warns_about_non_finite_weights_in_one_line(tmp_path: Path, one_image: Path, capsys) -> None:
+    from franca.cli import main
+
+    model = _reference_model(num_heads=2)
+    state = _poisoned(model.state_dict(), ["blocks.2.ls1.gamma"])
+    with torch.no_grad():
+        model.load_state_dict(state)
+    path = save_backbone(model, tmp_path / "nan.safetensors")
+    capsys.readouterr()
+    code = main(["embed", str(one_image), "--checkpoint", str(path), "--out", str(tmp_path / "f.npy")])
+    err = capsys.readouterr().err
+    assert code == 0
+    lines = [line for line in err.splitlines() if "NaN" in line]
+    assert len(lines) == 1 and "nan.safetensors" in lines[0] and "blocks.2.ls1.gamma" in lines[0], err
+
+
+def test_error_reason_drops_torch_advice() -> None:
+    from franca.checkpoints import error_reason
+
+    text = (
+        "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+        "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+        "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+        "source.\nPlease file an issue with the following so that we can make `weights_only=True` compatible with "
+        "your use case: WeightsUnpickler error: \n\nUnsupported operand 200\n\nCheck the documentation of torch.load "
+        "to learn more about types accepted by default with weights_only https://pytorch.org/docs/stable/."
+    )
+    assert error_reason(pickle.UnpicklingError(text)) == "Unsupported operand 200"
+    only_advice = "Re-running `torch.load` with `weights_only` set to `False` will likely succeed."
+    assert error_reason(RuntimeError(only_advice)) == "RuntimeError"

@@ -10,22 +10,25 @@
    training checkpoints (whose ``teacher`` entry has the official layout): single files, and the sharded
    ``torch.distributed.checkpoint`` folders of FSDP runs (only the teacher's tensors are read from those).
 
-Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``). Every problem is reported as
-one :class:`~franca.errors.CheckpointError` line that names the file.
+Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``), and torch's advice to load
+with ``weights_only=False`` is never passed on. Every problem is reported as one :class:`~franca.errors.CheckpointError`
+line that names the file: an architecture (metadata or overrides) is validated in :func:`build_config`, and every tensor
+is compared with the built model (:func:`check_tensors`) before it is loaded. Weights holding NaN or inf values are
+loaded with one logged warning naming them (:func:`warn_non_finite`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import pickle
 import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from franca.errors import CheckpointError
+from franca.models.layers import FFN_LAYERS
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 
 FORMAT_KEY = "franca_format"
@@ -46,6 +50,14 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 StateDict = dict[str, Tensor]
 DCP_METADATA = ".metadata"  # the file that makes a folder a complete torch.distributed.checkpoint
+
+_log = logging.getLogger(__name__)
+# torch.load's errors advise re-running with weights_only=False, which could run a pickled payload: never passed on
+_TORCH_ADVICE = re.compile(
+    r"weights_only|safe_globals|arbitrary code|trust|file an issue|documentation of", re.I
+)
+_PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _describe(source: Any) -> str:
@@ -79,25 +91,42 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
                 state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(
-                f"{path}: not a readable safetensors file ({error}); it may be truncated"
+                f"{path}: not a readable safetensors file ({error_reason(error)}); it may be truncated"
             ) from None
         return state, metadata
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported object"
-        raise CheckpointError(
-            f"{path}: holds Python objects other than tensors, which are not loaded for safety ({first_line}); "
-            "re-save it with torch.save(state_dict) or export it with franca.save_backbone"
-        ) from None
-    except (
-        Exception
-    ) as error:  # torch raises many types for corrupt files (RuntimeError, EOFError, IndexError...)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt ({reason})"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - corrupt files raise many types (UnpicklingError, EOFError...)
+        raise _torch_load_error(path, error) from None
     return _unwrap(obj, path), metadata
+
+
+def error_reason(error: BaseException) -> str:
+    """The first sentence of ``error`` that gives a reason, on one line and without torch's advice.
+
+    ``torch.load`` suggests re-running with ``weights_only=False`` (or allow-listing globals), which would execute
+    whatever the pickle holds; that advice is dropped, as are ANSI colour codes. Falls back to the error's type name.
+    """
+    text = _ANSI.sub("", str(error))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    sentences = (part.strip() for part in re.split(r"(?<=[.!?])\s+|\n+", text))
+    reason = next((part for part in sentences if part and not _TORCH_ADVICE.search(part)), "")
+    return reason[:200].rstrip(".") or type(error).__name__
+
+
+def _torch_load_error(path: Path, error: BaseException) -> CheckpointError:
+    """The one-line error for a file ``torch.load(weights_only=True)`` refused or could not read."""
+    pickled = _PICKLED_GLOBAL.search(str(error))
+    if pickled:
+        return CheckpointError(
+            f"{path}: holds Python objects other than tensors ({pickled.group(1)}), which are not loaded for safety; "
+            "re-save it with torch.save(state_dict) or export it with franca.save_backbone"
+        )
+    return CheckpointError(
+        f"{path}: not a readable PyTorch checkpoint ({error_reason(error)}); it is probably truncated, corrupt or "
+        "not a checkpoint at all: download or export it again"
+    )
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -127,8 +156,7 @@ def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | Non
             # (empty) dict it is given, and would run collectives inside a distributed job
             _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
     except Exception as error:  # noqa: BLE001 - DCP wraps reader failures in several types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({error_reason(error)})") from None
     return state
 
 
@@ -224,20 +252,117 @@ def split_backbone_state(state: Mapping[str, Tensor]) -> tuple[StateDict, StateD
     return backbone, heads
 
 
+# Options that must be whole numbers, at least 1 or at least 0; flags; the numbers of the config.
+_POSITIVE_INTS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans")
+_NON_NEGATIVE_INTS = ("ffn_hidden_dim", "num_register_tokens")
+_FLAGS = ("qkv_bias", "proj_bias", "ffn_bias", "drop_path_uniform", "interpolate_antialias")
+# Tensors infer_config reads, and the number of dimensions each must have.
+_RANKS = {
+    "patch_embed.proj.weight": 4,
+    "cls_token": 3,
+    "pos_embed": 3,
+    "norm.weight": 1,
+    "register_tokens": 3,
+    "blocks.0.mlp.w12.weight": 2,
+    "blocks.0.mlp.fc1.weight": 2,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_problem(config: ViTConfig) -> str | None:
+    """What makes ``config`` an architecture that cannot be built (the first problem), or ``None``."""
+    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        value, least = getattr(config, name), 1 if name in _POSITIVE_INTS else 0
+        if not _is_int(value) or value < least:
+            return f"{name}={value!r} must be {'a positive' if least else 'a non-negative'} integer"
+    if config.embed_dim % config.num_heads:
+        return f"embed_dim={config.embed_dim} is not divisible by num_heads={config.num_heads}"
+    if config.img_size < config.patch_size:
+        return f"img_size={config.img_size} is smaller than patch_size={config.patch_size}"
+    if config.ffn_layer not in FFN_LAYERS:
+        return f"ffn_layer={config.ffn_layer!r} is unknown; use one of {', '.join(map(repr, FFN_LAYERS))}"
+    flag = next((name for name in _FLAGS if not isinstance(getattr(config, name), bool)), None)
+    if flag is not None:
+        return f"{flag}={getattr(config, flag)!r} must be true or false"
+    if not _is_number(config.drop_path_rate) or not 0 <= config.drop_path_rate < 1:
+        return f"drop_path_rate={config.drop_path_rate!r} must be a number in [0, 1)"
+    if not _is_number(config.interpolate_offset):
+        return f"interpolate_offset={config.interpolate_offset!r} must be a number"
+    if config.layerscale_init is not None and not _is_number(config.layerscale_init):
+        return f"layerscale_init={config.layerscale_init!r} must be a number or null"
+    return None
+
+
+def build_config(values: Mapping[str, Any], where: str, origin: str, fix: str) -> ViTConfig:
+    """The :class:`ViTConfig` of ``values``, or one :class:`CheckpointError` naming ``where``, ``origin`` (where the
+    values come from, e.g. "the backbone in its 'config' metadata"), the first impossible option and ``fix``."""
+    unknown = sorted(set(values) - {f.name for f in fields(ViTConfig)})
+    if unknown:
+        raise CheckpointError(
+            f"{where}: {origin} has unknown option(s) {', '.join(map(repr, unknown))}; {fix}"
+        )
+    try:
+        config = ViTConfig(**values)
+    except (TypeError, ValueError) as error:  # the checks of ViTConfig.__post_init__
+        problem: str | None = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
+    else:
+        problem = config_problem(config)
+    if problem:
+        raise CheckpointError(f"{where}: {origin} cannot be built: {problem}; {fix}")
+    return config
+
+
+_METADATA_FIX = (
+    "the file was edited or written by another franca version: export it again with franca.save_backbone"
+)
+
+
+def _config_from_metadata(text: str, where: str) -> ViTConfig:
+    """The architecture a franca export stores as JSON in its ``config`` metadata entry, validated."""
+    try:
+        stored = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{where}: its 'config' metadata is not valid JSON ({error}); {_METADATA_FIX}"
+        ) from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(
+            f"{where}: its 'config' metadata is a JSON {type(stored).__name__}, not an object of backbone options; "
+            f"{_METADATA_FIX}"
+        )
+    return build_config(stored, where, "the backbone in its 'config' metadata", _METADATA_FIX)
+
+
+def _require_ranks(backbone: Mapping[str, Tensor], where: str) -> None:
+    """Stop with one line when a tensor the inference reads has the wrong number of dimensions."""
+    for key, rank in _RANKS.items():
+        if key in backbone and backbone[key].ndim != rank:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {list(backbone[key].shape)}, expected {rank} dimensions; "
+                "the file is corrupt or edited: download or export it again"
+            )
+
+
 def infer_config(
     backbone: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: Any = None
 ) -> ViTConfig:
-    """The :class:`ViTConfig` implied by canonical backbone tensors (and by an export's metadata when present)."""
+    """The :class:`ViTConfig` implied by canonical backbone tensors (and by an export's metadata when present).
+
+    A config read from metadata is validated (:func:`build_config`); :func:`load_backbone` then checks every tensor's
+    shape against it.
+    """
     where = _describe(source)
     if metadata and metadata.get("config"):
-        try:
-            stored = json.loads(metadata["config"])
-            known = {f.name for f in fields(ViTConfig)}
-            return ViTConfig(**{key: value for key, value in stored.items() if key in known})
-        except (json.JSONDecodeError, TypeError) as error:
-            raise CheckpointError(
-                f"{where}: the architecture stored in the metadata is unreadable ({error})"
-            ) from None
+        return _config_from_metadata(metadata["config"], where)
     required = ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight")
     missing = [key for key in required if key not in backbone]
     if missing:
@@ -246,6 +371,7 @@ def infer_config(
             f"{where}: unknown layout, no backbone tensor {missing[0]!r} (first keys: {sample}); "
             "expected an official Franca/DINOv2 checkpoint or a franca export"
         )
+    _require_ranks(backbone, where)
     patch_weight = backbone["patch_embed.proj.weight"]
     embed_dim, in_chans, patch_size = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
     block_ids = sorted({int(m.group(1)) for key in backbone if (m := _BLOCK.match(key))})
@@ -255,8 +381,8 @@ def infer_config(
         gaps = sorted(set(range(block_ids[-1] + 1)) - set(block_ids))
         raise CheckpointError(f"{where}: blocks {gaps[:5]} are missing; the checkpoint is incomplete")
     n_pos = backbone["pos_embed"].shape[1] - 1
-    grid = math.isqrt(n_pos)
-    if grid * grid != n_pos:
+    grid = math.isqrt(max(n_pos, 0))
+    if n_pos < 1 or grid * grid != n_pos:
         raise CheckpointError(f"{where}: pos_embed has {n_pos} patch positions, not a square grid")
     if "blocks.0.mlp.w12.weight" in backbone:
         ffn_layer, hidden = "swiglu", backbone["blocks.0.mlp.w12.weight"].shape[0] // 2
@@ -297,21 +423,93 @@ _SHAPE_FIELDS = (
 
 
 def _apply_overrides(config: ViTConfig, overrides: Mapping[str, Any], where: str) -> ViTConfig:
+    """``config`` with the keyword overrides of :func:`load_backbone`, validated (one line naming the option)."""
     known = {f.name for f in fields(ViTConfig)}
-    for key, value in overrides.items():
+    for key in overrides:
         if key not in known:
             raise CheckpointError(
                 f"unknown backbone option {key!r} for {where}; valid options: {', '.join(sorted(known))}"
             )
-        if key in _SHAPE_FIELDS and getattr(config, key) != value:
-            raise CheckpointError(
-                f"{where}: the checkpoint has {key}={getattr(config, key)!r} but {key}={value!r} was requested"
-            )
-    if "num_heads" in overrides and config.embed_dim % overrides["num_heads"]:
-        raise CheckpointError(
-            f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads={overrides['num_heads']}"
+    if overrides:
+        requested = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        origin, fix = f"the backbone with {requested}", "choose options that fit the checkpoint"
+    else:
+        origin, fix = (
+            "the backbone inferred from its tensors",
+            "pass num_heads (and other options) that fit it",
         )
-    return replace(config, **overrides)
+    result = build_config({**asdict(config), **overrides}, where, origin, fix)
+    for key in _SHAPE_FIELDS:
+        if key in overrides and getattr(config, key) != overrides[key]:
+            raise CheckpointError(
+                f"{where}: the checkpoint has {key}={getattr(config, key)!r} but {key}={overrides[key]!r} "
+                "was requested"
+            )
+    return result
+
+
+def _summary(config: ViTConfig) -> str:
+    """The architecture in a few words, for error messages."""
+    return (
+        f"embed_dim={config.embed_dim}, depth={config.depth}, patch_size={config.patch_size}, "
+        f"img_size={config.img_size}, ffn_layer={config.ffn_layer!r}"
+    )
+
+
+def check_tensors(
+    state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], where: str, described: str
+) -> None:
+    """One :class:`CheckpointError` line when ``state`` lacks a tensor of ``expected``, has one more, or one of
+    another shape (named with its shape and the expected one); ``described`` says what ``expected`` comes from."""
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{where}: {len(missing)} tensors of {described} are missing (e.g. {missing[0]!r}); "
+            "the checkpoint is incomplete or of another architecture"
+        )
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} tensors are not part of {described} (e.g. {unexpected[0]!r})"
+        )
+    wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != tuple(shape)]
+    if wrong:
+        key = wrong[0]
+        more = f" ({len(wrong) - 1} more tensors have another shape too)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{where}: tensor {key!r} has shape {list(state[key].shape)} where {described} expects "
+            f"{list(expected[key])}{more}; the file is corrupt, edited or of another model: download or export it "
+            "again"
+        )
+
+
+def _expected_shapes(
+    model: DinoVisionTransformer, stored: ViTConfig, with_rasa: bool
+) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a checkpoint of architecture ``stored`` holds for ``model`` (built with the overrides):
+    ``pos_embed`` at the stored grid (it is resampled afterwards), ``rasa.weight`` [D, D] when the file has one."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    grid = stored.img_size // stored.patch_size
+    expected["pos_embed"] = (1, 1 + grid * grid, stored.embed_dim)
+    if with_rasa:
+        expected["rasa.weight"] = (stored.embed_dim, stored.embed_dim)
+    return expected
+
+
+def warn_non_finite(
+    state: Mapping[str, Tensor], where: str, consequence: str = "the features will be NaN"
+) -> None:
+    """Log one warning naming the tensors of ``state`` that hold NaN or inf values (the first few and the count)."""
+    bad = [
+        key
+        for key, value in state.items()
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+    ]
+    if not bad:
+        return
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    count = f"{len(bad)} tensors hold" if len(bad) > 1 else "1 tensor holds"
+    _log.warning("%s: %s NaN or inf values (%s); %s", where, count, names, consequence)
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1) -> Tensor:
@@ -341,6 +539,9 @@ def load_backbone(
     ``drop_path_rate``, ``interpolate_offset``...) and ``img_size``, which resamples the position embedding to the new
     grid. ``rasa`` attaches a RASA head: a head file or state dict (``pre_pos_layers.*``/``pos_pred.weight``), a
     folded [D, D] matrix, or ``True`` to use the ``rasa_head.*`` tensors stored in ``source``.
+
+    An impossible architecture (stored or requested) and a missing, extra or misshapen tensor raise one
+    :class:`CheckpointError` line naming the file and the option or tensor; NaN/inf weights load with one warning.
     """
     where = _describe(source)
     if isinstance(source, Mapping):
@@ -348,34 +549,24 @@ def load_backbone(
     else:
         state, metadata = read_checkpoint(source)
     backbone, heads = split_backbone_state(state)
-    config = infer_config(backbone, metadata, source)
-    requested_img_size = overrides.pop("img_size", None)
-    config = _apply_overrides(config, overrides, where)
-    if requested_img_size is not None and requested_img_size != config.img_size:
-        if requested_img_size % config.patch_size:
-            raise CheckpointError(
-                f"img_size={requested_img_size} is not a multiple of the patch size {config.patch_size}"
-            )
-        prefix = 1
-        backbone["pos_embed"] = resample_pos_embed(
-            backbone["pos_embed"], requested_img_size // config.patch_size, prefix
+    stored = infer_config(backbone, metadata, source)
+    config = _apply_overrides(stored, overrides, where)
+    if config.img_size != stored.img_size and config.img_size % config.patch_size:
+        raise CheckpointError(
+            f"{where}: img_size={config.img_size} is not a multiple of the patch size {config.patch_size}"
         )
-        config = replace(config, img_size=requested_img_size)
-    rasa_matrix = backbone.pop("rasa.weight", None)
     model = DinoVisionTransformer(config)
     if "mask_token" not in backbone:  # some exports omit it; it only matters for masked training inputs
         backbone["mask_token"] = torch.zeros_like(model.mask_token)
-    result = model.load_state_dict(backbone, strict=False)
-    if result.missing_keys:
-        raise CheckpointError(
-            f"{where}: {len(result.missing_keys)} backbone tensors are missing (e.g. {result.missing_keys[0]!r}); "
-            "the checkpoint is incomplete or of another architecture"
-        )
-    if result.unexpected_keys:
-        raise CheckpointError(
-            f"{where}: {len(result.unexpected_keys)} tensors are not part of the inferred "
-            f"{config.depth}-block backbone (e.g. {result.unexpected_keys[0]!r})"
-        )
+    origin = "described by its 'config' metadata" if metadata.get("config") else "inferred from its tensors"
+    described = f"the backbone {origin} ({_summary(stored)})"
+    check_tensors(backbone, _expected_shapes(model, stored, "rasa.weight" in backbone), where, described)
+    warn_non_finite(backbone, where)
+    if config.img_size != stored.img_size:
+        grid = config.img_size // config.patch_size
+        backbone["pos_embed"] = resample_pos_embed(backbone["pos_embed"], grid, num_prefix_tokens=1)
+    rasa_matrix = backbone.pop("rasa.weight", None)
+    model.load_state_dict(backbone, strict=True)  # keys and shapes were checked above
     if rasa is True:
         rasa = {
             key[len("rasa_head.") :]: value for key, value in heads.items() if key.startswith("rasa_head.")

@@ -413,7 +413,10 @@ def _infer_embed_dim(state: Mapping[str, Tensor]) -> int | None:
 
 
 def head_from_state_dict(
-    state: Mapping[str, Tensor], source: str = "<state dict>", embed_dim: int | None = None
+    state: Mapping[str, Tensor],
+    source: str = "<state dict>",
+    embed_dim: int | None = None,
+    key_prefix: str = "",
 ) -> nn.Module:
     """Build a head (MatryoshkaHead or DINOHead) from its un-prefixed state dict, inferring every size from shapes.
 
@@ -421,17 +424,20 @@ def head_from_state_dict(
     ``[m_j, d]``), ``matryoshka_projection`` + ``nesting_widths`` (tied) and ``mlp`` + ``last_layer`` (DINOHead).
     Old (``weight_g``/``weight_v``) and new weight-norm names are both accepted. ``embed_dim`` sets d for a
     slice or tied head (default: the largest width). Raises CheckpointError naming ``source`` on an unknown or
-    inconsistent layout.
+    inconsistent layout, and the tensor (as ``key_prefix`` + its name in ``state``) of a wrong rank or shape.
     """
-    state = _to_new_weight_norm_names(state)
+    renamed = _to_new_weight_norm_names(state)
+    # the names the file uses, for messages
+    names = {new: key_prefix + old for old, new in zip(state, renamed)}
+    _check_ranks(renamed, source, names)
     try:
-        if "matryoshka_projections.0.weight" in state:
-            head = _matryoshka_from_state(state, source, embed_dim)
-        elif "matryoshka_projection.weight" in state:
-            head = _tied_from_state(state, source, embed_dim)
-        elif f"last_layer.{_NEW_V}" in state:
-            in_dim, hidden, bottleneck, nlayers = _mlp_shape(state, "mlp.", source)
-            n_prototypes = int(state[f"last_layer.{_NEW_V}"].shape[0])
+        if "matryoshka_projections.0.weight" in renamed:
+            head = _matryoshka_from_state(renamed, source, embed_dim)
+        elif "matryoshka_projection.weight" in renamed:
+            head = _tied_from_state(renamed, source, embed_dim)
+        elif f"last_layer.{_NEW_V}" in renamed:
+            in_dim, hidden, bottleneck, nlayers = _mlp_shape(renamed, "mlp.", source)
+            n_prototypes = int(renamed[f"last_layer.{_NEW_V}"].shape[0])
             head = DINOHead(in_dim, n_prototypes, hidden or 2048, bottleneck, nlayers)
         else:
             raise CheckpointError(
@@ -440,14 +446,62 @@ def head_from_state_dict(
             )
     except ConfigError as exc:
         raise CheckpointError(f"{source}: head shapes are inconsistent: {exc}") from exc
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first_line = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"{source}: head tensors do not match the inferred layout: {first_line}"
-        ) from exc
+    _check_against_head(head, renamed, source, names)
+    head.load_state_dict(renamed, strict=True)  # keys and shapes were checked above
     return head
+
+
+def _expected_rank(key: str) -> int | None:
+    """Dimensions of a head tensor by its (new weight-norm) name: Linear weights and prototypes 2, biases and
+    ``nesting_widths`` 1; ``None`` for a name no head has."""
+    if key.endswith((".weight", _NEW_G, _NEW_V)):
+        return 2
+    if key.endswith(".bias") or key == "nesting_widths":
+        return 1
+    return None
+
+
+def _check_ranks(state: Mapping[str, Tensor], source: str, names: Mapping[str, str]) -> None:
+    """One CheckpointError line naming the first tensor whose number of dimensions no head layer has."""
+    for key, value in state.items():
+        rank = _expected_rank(key)
+        if rank is not None and value.ndim != rank:
+            raise CheckpointError(
+                f"{source}: tensor {names.get(key, key)!r} has shape {list(value.shape)}, expected {rank} dimensions; "
+                "the heads file is corrupt or edited: save or download it again"
+            )
+
+
+def _check_against_head(
+    head: nn.Module, state: Mapping[str, Tensor], source: str, names: Mapping[str, str]
+) -> None:
+    """One CheckpointError line when ``state`` misses a tensor of ``head``, has one more, or one of another shape."""
+    expected = {key: tuple(value.shape) for key, value in head.state_dict().items()}
+    missing = [key for key in expected if key not in state]
+    if missing:
+        shown = _official_name(missing[0])
+        raise CheckpointError(
+            f"{source}: {len(missing)} head tensors are missing (e.g. {shown!r}); it is incomplete"
+        )
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensors are not part of the inferred head (e.g. "
+            f"{names.get(unexpected[0], unexpected[0])!r})"
+        )
+    wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != shape]
+    if wrong:
+        key = wrong[0]
+        more = f" ({len(wrong) - 1} more tensors have another shape too)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{source}: tensor {names.get(key, key)!r} has shape {list(state[key].shape)} where the head inferred "
+            f"from the other tensors expects {list(expected[key])}{more}; the heads file is corrupt or edited"
+        )
+
+
+def _official_name(key: str) -> str:
+    """``key`` with the old weight-norm names (``weight_g``/``weight_v``) that official files use."""
+    return key.replace(_NEW_G, _OLD_G).replace(_NEW_V, _OLD_V)
 
 
 def _matryoshka_from_state(state: Mapping[str, Tensor], source: str, embed_dim: int | None) -> MatryoshkaHead:
@@ -509,6 +563,13 @@ def _read_state_dict(source: Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(read_state_dict(source))
 
 
+def _warn_non_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """``franca.checkpoints.warn_non_finite`` for head tensors (imported lazily, like :func:`_read_state_dict`)."""
+    from franca.checkpoints import warn_non_finite
+
+    warn_non_finite(state, source, consequence="the head outputs will be NaN")
+
+
 def _strip_wrapping_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop ``module.``/``_orig_mod.`` (DDP, torch.compile); keep only ``teacher.*`` of a flat student+teacher dict."""
     if any(k.startswith("teacher.") for k in state):
@@ -526,7 +587,8 @@ def load_heads(
     or flat (read with ``franca.checkpoints.read_state_dict``). ``module.`` / ``_orig_mod.`` are stripped. Each head is
     inferred from tensor shapes alone (levels, widths, slice/project mode, hidden/bottleneck widths, prototype
     counts, depth; DINOv2 ``mlp``/``last_layer`` heads become :class:`DINOHead`) and loaded strictly.
-    ``heads`` names the families required; a missing one raises CheckpointError naming the file.
+    ``heads`` names the families required; a missing one raises CheckpointError naming the file. Tensors holding NaN
+    or inf values are loaded, with one logged warning naming them.
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     state = _strip_wrapping_prefixes(
@@ -541,5 +603,8 @@ def load_heads(
             raise CheckpointError(
                 f"{name}: no '{prefix}*' tensors; this checkpoint does not hold the {family}"
             )
-        result[family] = head_from_state_dict(sub, source=f"{name} [{family}]", embed_dim=embed_dim)
+        result[family] = head_from_state_dict(
+            sub, source=f"{name} [{family}]", embed_dim=embed_dim, key_prefix=prefix
+        )
+    _warn_non_finite({k: v for k, v in state.items() if k.startswith(tuple(f"{f}." for f in heads))}, name)
     return result

@@ -176,6 +176,10 @@ def _split_tokens(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
     return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
+# The feed-forward networks a block can use, by their ``ffn_layer`` name.
+FFN_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLUFFN}
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x)).
 
@@ -213,12 +217,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        if ffn_layer == "mlp":
-            self.mlp: nn.Module = Mlp(dim, ffn_hidden_dim, bias=ffn_bias)
-        elif ffn_layer == "swiglu":
-            self.mlp = SwiGLUFFN(dim, ffn_hidden_dim, bias=ffn_bias)
-        else:
-            raise ValueError(f"unknown ffn_layer {ffn_layer!r}: use 'mlp' or 'swiglu'")
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(
+                f"unknown ffn_layer {ffn_layer!r}: use one of {', '.join(map(repr, FFN_LAYERS))}"
+            )
+        self.mlp: nn.Module = FFN_LAYERS[ffn_layer](dim, ffn_hidden_dim, bias=ffn_bias)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path_rate = drop_path_rate
         self.drop_path_mode = check_drop_path_mode(drop_path_mode)
