@@ -2,7 +2,8 @@
 
 Images get the standard inference preprocessing (shorter side resized, center crop, ImageNet normalisation); unreadable
 files are skipped, warned about and counted. Features come back as float32 CPU tensors whose rows follow
-``EmbeddingResult.paths``.
+``EmbeddingResult.paths``; :func:`save_embeddings` writes them with the paths (``<stem>.paths.jsonl``, any file name
+round-trips) and :func:`read_embedding_paths` reads the paths back.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 from torch import Tensor
 
 from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
-from franca.errors import ConfigError
+from franca.errors import ConfigError, DataError
 from franca.eval.common import autocast_context
 from franca.models.vision_transformer import DinoVisionTransformer
 from franca.progress import ProgressBar
 
 TOKEN_KINDS = ("cls", "patch", "mean", "patch_rasa")
+#: Suffixes of the feature files :func:`save_embeddings` writes.
+OUTPUT_SUFFIXES = (".npy", ".safetensors")
 
 
 @dataclass
@@ -107,41 +110,114 @@ def embed_images(
     )
 
 
+def paths_file(out: str | os.PathLike) -> Path:
+    """The file beside the features file ``out`` that lists the image path of each row: ``<stem>.paths.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.paths.jsonl")
+
+
+def _write_paths(paths: Sequence[str | os.PathLike], target: Path) -> None:
+    """One JSON string per line, ASCII only (see :func:`save_embeddings` for why and how to read it back)."""
+    with open(target, "w", encoding="ascii", newline="\n") as handle:
+        handle.writelines(json.dumps(os.fspath(path)) + "\n" for path in paths)
+
+
 def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Path]:
     """Write features to ``out`` (``.safetensors``: one tensor per kind; ``.npy``: one file per kind) and the paths.
 
-    With ``.npy`` and several kinds, each goes to ``<stem>.<kind>.npy``. The image paths, one per row, go to
-    ``<stem>.paths.txt`` (and into the safetensors metadata). Files are written under temporary names and renamed.
+    With ``.npy`` and several kinds, each goes to ``<stem>.<kind>.npy``. The image path of each row goes to
+    ``<stem>.paths.jsonl`` (see :func:`paths_file`), one JSON string per line, and for ``.safetensors`` also into the
+    file's metadata (``paths``, a JSON list). The JSON is ASCII-only, so any file name survives: a newline is written
+    as ``\\n``, and bytes that are not UTF-8 (Linux names are bytes) come as the lone surrogates of
+    :func:`os.fsdecode` (``\\udcff`` for byte 0xff); ``os.fsencode(json.loads(line))`` gives back the exact bytes,
+    and the decoded string opens the file as is. :func:`read_embedding_paths` reads the list back.
+
+    Every file is first written under a temporary name (``<name>.tmp``) and all of them are renamed into place only
+    once all are complete, so that an error while writing leaves the previous outputs untouched and never a features
+    file without its paths (or the other way round). Outputs of an earlier run to the same ``out`` that this one does
+    not rewrite are removed, since their rows would not match the new paths: ``<stem>.<kind>.npy`` of other kinds,
+    ``out`` itself when several ``.npy`` kinds are written, and the ``<stem>.paths.txt`` of older versions.
+    """
+    from franca.eval.common import ensure_output_dir
+
+    out = Path(out)
+    if out.suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--out {out}: use a .npy or .safetensors file name")
+    ensure_output_dir(out.parent, option="--out")
+    targets: list[Path] = []
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(target: Path) -> Path:
+        tmp = target.with_name(target.name + ".tmp")
+        staged.append((tmp, target))
+        targets.append(target)
+        return tmp
+
+    try:
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {
+                "paths": json.dumps([os.fspath(p) for p in result.paths]),
+                "grid": json.dumps(list(result.grid)),
+                "skipped": json.dumps([os.fspath(p) for p in result.skipped]),
+            }
+            tensors = {kind: value.contiguous() for kind, value in result.features.items()}
+            save_file(tensors, str(stage(out)), metadata=metadata)
+        else:
+            kinds = list(result.features)
+            for kind in kinds:
+                target = out if len(kinds) == 1 else out.with_name(f"{out.stem}.{kind}.npy")
+                with open(stage(target), "wb") as handle:
+                    np.save(handle, result.features[kind].numpy())
+        _write_paths(result.paths, stage(paths_file(out)))
+    except BaseException as error:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise ConfigError(
+                f"--out {out}: cannot write {error.filename or out} ({error.strerror or error}); nothing was replaced"
+            ) from error
+        raise
+    for index, (tmp, target) in enumerate(staged):  # renames in one folder: they only fail if it vanishes
+        try:
+            os.replace(tmp, target)
+        except OSError as error:
+            for left, _ in staged[index:]:
+                left.unlink(missing_ok=True)
+            raise ConfigError(
+                f"--out {out}: cannot rename {tmp} to {target} ({error.strerror or error})"
+            ) from error
+    stale = [out.with_name(f"{out.stem}.paths.txt")]
+    if out.suffix == ".npy":
+        stale += [out, *(out.with_name(f"{out.stem}.{kind}.npy") for kind in TOKEN_KINDS)]
+    for path in stale:
+        if path not in targets and path.is_file():
+            path.unlink()
+    return targets
+
+
+def read_embedding_paths(out: str | os.PathLike) -> list[str]:
+    """The image path of each row of the features that ``franca embed`` wrote to ``out``, in row order.
+
+    Reads ``<stem>.paths.jsonl`` (see :func:`save_embeddings`); paths are :func:`os.fsdecode` strings, so
+    ``os.fsencode(path)`` gives the exact bytes of a name that is not UTF-8. Outputs of older versions are read too:
+    the ``<stem>.paths.txt`` list (one path per line), or else the metadata of a ``.safetensors`` file.
+    Raises :class:`~franca.errors.DataError` when none is found.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    jsonl = paths_file(out)
+    if jsonl.is_file():
+        lines = jsonl.read_text(encoding="utf-8").split("\n")
+        return [json.loads(line) for line in lines if line]
+    legacy = out.with_name(f"{out.stem}.paths.txt")
+    if legacy.is_file():
+        return legacy.read_text(encoding="utf-8", errors="surrogateescape").split("\n")[:-1]
+    if out.suffix == ".safetensors" and out.is_file():
+        from safetensors import safe_open
 
-        metadata = {
-            "paths": json.dumps([str(p) for p in result.paths]),
-            "grid": json.dumps(list(result.grid)),
-            "skipped": json.dumps([str(p) for p in result.skipped]),
-        }
-        tmp = out.with_name(out.name + ".tmp")
-        save_file(
-            {kind: value.contiguous() for kind, value in result.features.items()}, str(tmp), metadata=metadata
-        )
-        os.replace(tmp, out)
-        written.append(out)
-    elif out.suffix == ".npy":
-        kinds = list(result.features)
-        for kind in kinds:
-            target = out if len(kinds) == 1 else out.with_name(f"{out.stem}.{kind}.npy")
-            tmp = target.with_name(target.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                np.save(handle, result.features[kind].numpy())
-            os.replace(tmp, target)
-            written.append(target)
-    else:
-        raise ConfigError(f"--out {out}: use a .npy or .safetensors file name")
-    paths_file = out.with_name(f"{out.stem}.paths.txt")
-    paths_file.write_text("".join(f"{p}\n" for p in result.paths))
-    written.append(paths_file)
-    return written
+        with safe_open(str(out), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "paths" in metadata:
+            return json.loads(metadata["paths"])
+    raise DataError(f"no list of image paths for {out}: expected {jsonl} beside it (written by franca embed)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -105,6 +107,83 @@ def test_list_images_errors(tmp_path: Path) -> None:
     binary.write_bytes(bytes([0xFF, 0xFE, 0x00, 0x80, 0x81]))
     with pytest.raises(DataError, match="blob.bin"):
         list_images(binary)
+
+
+def _within(seconds: float, function, *args):
+    """``function(*args)`` run in a daemon thread; fails (instead of hanging the test run) if it takes too long.
+
+    Returns ``(result, warnings recorded in the thread)`` and re-raises what the function raised.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                outcome["result"] = function(*args)
+            except BaseException as error:  # handed to the test thread
+                outcome["error"] = error
+        outcome["warnings"] = [str(w.message) for w in caught]
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), (
+        f"{function.__name__} did not return within {seconds} s (blocked on a FIFO?)"
+    )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"], outcome["warnings"]
+
+
+def _make_socket(path: Path) -> bool:
+    """A UNIX socket file at ``path`` (False when the platform or the path length does not allow one)."""
+    if not hasattr(socket, "AF_UNIX") or len(os.fsencode(path)) >= 100:
+        return False
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(os.fspath(path))
+    finally:
+        server.close()
+    return True
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_list_images_skips_fifos_and_sockets_but_keeps_symlinks_to_files(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    real = _save_rgb(root / "a.png")
+    os.mkfifo(root / "x.jpg")  # opening it for reading would block forever
+    (root / "link.png").symlink_to(real)
+    (root / "link_to_fifo.png").symlink_to(root / "x.jpg")
+    (root / "dangling.png").symlink_to(root / "gone.png")  # kept: reported as unreadable when loaded
+    has_socket = _make_socket(root / "s.png")
+    found, caught = _within(30, list_images, root)
+    assert found == [_abs(real), _abs(root / "dangling.png"), _abs(root / "link.png")]
+    special = 3 if has_socket else 2
+    assert any(f"{special} entries that are not regular files" in message for message in caught), caught
+    assert any("first: " + str(root / "link_to_fifo.png") in message for message in caught), caught
+    # the same rule for the class folders of training / ImageFolder data sets, which use the same walk
+    from franca.data.images import _walk_images
+
+    assert _within(30, _walk_images, root)[0] == [root / "a.png", root / "dangling.png", root / "link.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_list_images_fifo_given_directly_or_listed_is_not_opened(tmp_path: Path) -> None:
+    one = _save_rgb(tmp_path / "one.png")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(DataError, match=r"pipe\.jpg is not a regular file"):
+        _within(30, list_images, tmp_path / "pipe.jpg")
+    with pytest.raises(DataError, match=r"pipe\.txt is not a regular file"):
+        _within(30, list_images, tmp_path / "pipe.txt")  # would be read as a list file
+    listing = tmp_path / "list.txt"
+    listing.write_text("one.png\npipe.jpg\n")
+    found, caught = _within(30, list_images, listing)
+    assert found == [_abs(one)]
+    assert any("pipe.jpg" in message and "not regular files" in message for message in caught), caught
+    with pytest.raises(DataError, match="no images found"):
+        _within(30, list_images, str(tmp_path / "*.jpg"))
 
 
 # ----------------------------------------------------------------------------------------------------------- loading

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+from franca.embed import OUTPUT_SUFFIXES
+from franca.eval.common import non_negative_int, output_file, positive_int
+
+
+def _shown(path: os.PathLike | str) -> str:
+    """``path`` for the terminal: bytes that are not UTF-8 as ``\\xff`` escapes, control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,11 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", required=True, metavar="CKPT", help="backbone checkpoint (.pth/.pt/.safetensors)"
     )
-    parser.add_argument("--out", required=True, metavar="FILE", help="output .npy or .safetensors file")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=output_file(OUTPUT_SUFFIXES),
+        metavar="FILE",
+        help="output .npy or .safetensors file; the row order goes to <stem>.paths.jsonl beside it",
+    )
     parser.add_argument(
         "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument(
         "--tokens",
         default="cls",
@@ -27,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rasa", default=None, metavar="HEAD", help="RASA head file to attach (enables patch_rasa)"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
         f"in {time.perf_counter() - start:.1f}s on {device}: {shapes}"
     )
     for path in result.skipped[:10]:
-        print(f"  skipped: {path}")
-    print("wrote " + ", ".join(str(p) for p in written))
+        print(f"  skipped: {_shown(path)}")
+    print("wrote " + ", ".join(_shown(p) for p in written))
     return 0

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from franca.eval.common import non_negative_int, output_folder, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -27,12 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image folders (recursive), globs, list files or images",
     )
     parser.add_argument(
-        "--output-dir", required=True, metavar="DIR", help="folder for the head, metrics and backbone"
+        "--output-dir",
+        required=True,
+        type=output_folder,
+        metavar="DIR",
+        help="folder for the head, metrics and backbone",
     )
     parser.add_argument(
-        "--iterations", type=int, default=8, help="removal steps to train (paper: 8; releases: 9-10)"
+        "--iterations", type=positive_int, default=8, help="removal steps to train (paper: 8; releases: 9-10)"
     )
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per iteration (paper: 5)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="epochs per iteration (paper: 5)")
     parser.add_argument(
         "--lr", type=float, default=2e-3, help="AdamW learning rate, cosine to 0 (paper: 2e-3)"
     )
@@ -43,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="crop side in pixels, a multiple of the patch size (default: the model's)",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (paper: 128)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (paper: 128)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument(
-        "--max-images", type=int, default=None, help="use a random subset of at most N images"
+        "--max-images", type=positive_int, default=None, help="use a random subset of at most N images"
     )
     parser.add_argument(
         "--holdout",
@@ -67,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="make each removal plane orthogonal to the earlier ones so that every step removes linear position "
         "information (not the official method, whose steps after the first only shrink it)",
     )
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the subset, split, augmentation and initialisation"
     )
@@ -115,12 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from franca.rasa import rasa_eval_transform, rasa_transform, save_rasa_head, train_rasa
 
     start = time.perf_counter()
-    if args.iterations < 1 or args.epochs < 1 or args.batch_size < 1:
-        raise ConfigError("--iterations, --epochs and --batch-size must be at least 1")
     if not 0 <= args.holdout < 1:
         raise ConfigError(f"--holdout {args.holdout}: give a fraction in [0, 1)")
-    if args.max_images is not None and args.max_images < 1:
-        raise ConfigError(f"--max-images {args.max_images}: give at least 1")
     device = resolve_device(args.device)
     model = load_backbone(args.checkpoint)
     had_rasa = model.rasa is not None

@@ -71,24 +71,66 @@ def is_image_file(path: str | Path) -> bool:
     return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
+def _special_files_warning(where: str | Path, special: Sequence[str | Path], stacklevel: int = 3) -> None:
+    """One warning counting the entries with an image name that are not regular files, naming the first."""
+    if special:
+        noun = (
+            "entry that is not a regular file" if len(special) == 1 else "entries that are not regular files"
+        )
+        warnings.warn(
+            f"{where}: skipped {len(special)} {noun} (FIFO, socket or device; first: {special[0]})",
+            stacklevel=stacklevel,
+        )
+
+
 def _walk_images(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively, hidden files and folders skipped, sorted by path components.
 
     Symbolic links to folders are followed (as torchvision's ImageFolder does), each real folder at most once so that
-    a link cycle cannot loop forever.
+    a link cycle cannot loop forever. Only regular files (and symbolic links to them) are images: FIFOs, sockets and
+    devices with an image name are skipped with one warning, and never opened (reading a FIFO blocks forever). A
+    dangling symbolic link is kept, to be reported as unreadable when loaded. Folders that cannot be read are skipped,
+    as :func:`os.walk` does. The file types come from :func:`os.scandir` (no extra ``stat`` per regular file).
     """
     found: list[Path] = []
+    special: list[Path] = []
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+    stack = [Path(folder)]
+    while stack:  # depth first, in sorted order: the same visiting order (and the same kept copy) as os.walk
+        directory = stack.pop()
+        real = os.path.realpath(directory)
         if real in seen_dirs:
-            dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and is_image_file(name):
-                found.append(Path(dirpath, name))
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        subdirs: list[Path] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(Path(directory, entry.name))
+                continue
+            if not is_image_file(entry.name):
+                continue
+            try:
+                regular = entry.is_file()
+                dangling = not regular and entry.is_symlink() and not os.path.exists(entry.path)
+            except OSError:
+                regular, dangling = False, False
+            if regular or dangling:
+                found.append(Path(directory, entry.name))
+            else:
+                special.append(Path(directory, entry.name))
+        stack.extend(reversed(subdirs))
+    _special_files_warning(folder, special)
     found.sort(key=lambda p: p.parts)
     return found
 
@@ -118,6 +160,7 @@ def _read_list_file(list_file: Path) -> list[Path]:
         path = Path(entry).expanduser()
         if not path.is_absolute():
             path = base / path
+        # is_file follows symbolic links and is False for a FIFO, socket or device, which is thus never opened
         if path.is_file():
             listed.append(path)
         else:
@@ -125,7 +168,7 @@ def _read_list_file(list_file: Path) -> list[Path]:
     if missing:
         line_number, entry = missing[0]
         warnings.warn(
-            f"{list_file}: {len(missing)} listed file(s) do not exist and are skipped "
+            f"{list_file}: {len(missing)} listed file(s) do not exist or are not regular files and are skipped "
             f"(first: line {line_number}: {entry}; relative paths are resolved against {base})",
             stacklevel=3,
         )
@@ -140,12 +183,20 @@ def _expand_input(item: str | Path) -> list[Path]:
         return _walk_images(path)
     if path.is_file():
         return [path] if is_image_file(path) else _read_list_file(path)
-    if any(char in text for char in _GLOB_CHARS):
-        matches = glob.glob(os.path.expanduser(text), recursive=True)
-        return sorted(
-            (Path(m) for m in matches if is_image_file(m) and os.path.isfile(m)),
-            key=lambda p: p.parts,
+    if path.exists():  # a FIFO, socket or device: opening it could block forever
+        raise DataError(
+            f"{text} is not a regular file (a FIFO, socket or device); give image files, folders, glob patterns or "
+            "list files"
         )
+    if any(char in text for char in _GLOB_CHARS):
+        matches = [m for m in glob.glob(os.path.expanduser(text), recursive=True) if is_image_file(m)]
+        _special_files_warning(
+            text,
+            sorted(
+                m for m in matches if os.path.exists(m) and not os.path.isfile(m) and not os.path.isdir(m)
+            ),
+        )
+        return sorted((Path(m) for m in matches if os.path.isfile(m)), key=lambda p: p.parts)
     raise DataError(
         f"{text} does not exist (expected an image folder, a glob pattern, a text file listing images or an image file)"
     )
@@ -161,6 +212,9 @@ def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     - a text file listing image paths one per line: relative paths are resolved against the list file's folder,
       blank lines and ``#`` comments are skipped, listed files that do not exist are skipped with a warning;
     - a single image file (one of :data:`IMAGE_EXTENSIONS`, case-insensitive).
+
+    Only regular files (or symbolic links to them) are listed: FIFOs, sockets and devices are skipped with a warning
+    and never opened (reading a FIFO would block forever); one given directly is a :class:`DataError`.
 
     The inputs' lists are concatenated in the given order and duplicates (same absolute path) are removed, keeping the
     first occurrence. Returned paths are absolute (not symlink-resolved), so they stay valid if the working folder

@@ -28,6 +28,89 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------------- arguments
+# argparse ``type=`` validators, shared by every command (``franca embed``, ``franca eval <protocol>``, ``franca rasa``)
+# so that a bad value stops at parse time with argparse's one error line naming the option (exit status 2), before
+# any model or data is read, instead of a DataLoader traceback or a failure after a long run.
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (``--num-workers``: 0 loads in the main process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give 0 or more") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more (0: load in the main process)")
+    return value
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` cannot be used or created (a message naming the culprit), or None when it can.
+
+    The nearest existing one of ``path`` and its parents must be a folder: ``path`` itself being a file, or a file
+    standing where a parent folder would be created, are both reported as ``<file> is a file; give a folder``.
+    """
+    target = Path(path)
+    for candidate in (target, *target.parents):
+        if os.path.isdir(candidate):
+            return None
+        if os.path.lexists(candidate):
+            if os.path.islink(candidate) and not os.path.exists(candidate):
+                return f"{candidate} is a broken symbolic link; give a folder"
+            kind = "a file" if os.path.isfile(candidate) else "not a folder"
+            return f"{candidate} is {kind}; give a folder"
+    return None
+
+
+def output_folder(text: str) -> str:
+    """argparse type of ``--output-dir``: a folder that exists or can be created (see :func:`output_dir_problem`)."""
+    problem = output_dir_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def ensure_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> Path:
+    """Create the folder ``path`` (with its parents); ConfigError naming ``option`` and the culprit when it cannot."""
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{option} {path}: {problem}")
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({error.strerror or error})") from error
+    return directory
+
+
+def output_file(suffixes: Sequence[str]) -> Any:
+    """argparse type of an output file option (e.g. ``franca embed --out``): one of ``suffixes``, not a folder, in a
+    folder that exists or can be created."""
+
+    def check(text: str) -> str:
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(
+                f"{text} is a folder; give a file name ending in {' or '.join(suffixes)}"
+            )
+        if Path(text).suffix not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text}: use a {' or '.join(suffixes)} file name")
+        problem = output_dir_problem(Path(text).parent)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return text
+
+    return check
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None = None) -> None:
     """Add the options every protocol shares: --checkpoint, --rasa, --output-dir, --size, --batch-size, ...
 
@@ -48,6 +131,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None =
     )
     group.add_argument(
         "--output-dir",
+        type=output_folder,
         default=default_dir,
         metavar="DIR",
         help=f"where to write the JSON results (default: {default_dir or 'runs/eval/<protocol>'})",
@@ -55,8 +139,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None =
     group.add_argument(
         "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
     )
-    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    group.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice of the protocol")
 
@@ -261,8 +345,7 @@ def write_results(
     """
     from franca import __version__
 
-    directory = Path(output_dir) if output_dir is not None else DEFAULT_OUTPUT_ROOT / name
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_output_dir(output_dir if output_dir is not None else DEFAULT_OUTPUT_ROOT / name)
     arguments = _arguments_dict(args)
     checkpoint = arguments.get(
         "checkpoint", results.get("checkpoint") if isinstance(results, Mapping) else None

@@ -41,6 +41,7 @@ from franca.eval.common import (
     format_table,
     load_model,
     make_loader,
+    positive_int,
     seed_everything,
     write_results,
 )
@@ -562,7 +563,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lrs", type=float, nargs="+", default=list(DINOV2_LRS), help="base learning rates (x batch/256)"
     )
     group.add_argument("--epochs", type=int, default=10, help="passes over the training part")
-    group.add_argument("--probe-batch-size", type=int, default=256, help="batch size of the linear heads")
+    group.add_argument(
+        "--probe-batch-size", type=positive_int, default=256, help="batch size of the linear heads"
+    )
     group.add_argument(
         "--holdout",
         type=float,

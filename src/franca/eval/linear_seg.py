@@ -267,7 +267,7 @@ def train_linear_segmentation(
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``franca eval linear-seg``."""
-    from franca.eval.common import add_common_arguments
+    from franca.eval.common import add_common_arguments, positive_int
     from franca.eval.dense_features import add_token_argument
     from franca.eval.segmentation_data import add_segmentation_arguments
 
@@ -276,7 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_token_argument(parser)
     group = parser.add_argument_group("linear segmentation head")
     group.add_argument("--epochs", type=int, default=10, help="passes over the precomputed train features")
-    group.add_argument("--train-batch-size", type=int, default=16, help="images per head training step")
+    group.add_argument(
+        "--train-batch-size", type=positive_int, default=16, help="images per head training step"
+    )
     group.add_argument(
         "--optimizer", default="adamw", choices=list(OPTIMIZERS), help="adamw (default) or sgd"
     )
