@@ -6,8 +6,15 @@ these helpers so that the same code runs on one CPU process and on many GPUs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
+
+from franca.errors import FrancaError
+
+T = TypeVar("T")
 
 
 def is_enabled() -> bool:
@@ -56,3 +63,37 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_enabled() and get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``value`` on every rank (``value`` itself without a process group)."""
+    if not is_enabled() or get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def run_on_main(function: Callable[[], T]) -> T | None:
+    """Run ``function`` on rank 0 only and return its result there (None elsewhere); when it raises, every rank
+    raises, so that no rank waits in a later collective for a rank that has stopped.
+
+    Rank 0 re-raises the original exception; the others raise the same :class:`~franca.errors.FrancaError` (its
+    one-line message), or a RuntimeError naming any other failure.
+    """
+    result: T | None = None
+    error: BaseException | None = None
+    if is_main_process():
+        try:
+            result = function()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+            error = caught
+    shared = (
+        error if error is None or isinstance(error, FrancaError) else RuntimeError(f"rank 0 failed: {error}")
+    )
+    shared = broadcast_object(shared)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result

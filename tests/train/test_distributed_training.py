@@ -300,3 +300,58 @@ def test_meta_device_start_gives_the_cpu_build_weights_on_two_fsdp_ranks(tmp_pat
         assert on[part].keys() == off[part].keys()
         for key, value in off[part].items():
             assert torch.equal(on[part][key], value), f"{part} {key}"
+
+
+def _empty_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1's images of step 2 are all unreadable (an empty batch); rank 0's are fine."""
+    import datetime
+
+    import franca.train.trainer as trainer_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),  # a rank left waiting fails the test instead of hanging it
+    )
+    original = trainer_module.build_train_loader
+
+    def loader_with_an_empty_batch(*args, **kwargs):
+        loader, sampler = original(*args, **kwargs)
+
+        class Stream:
+            def __iter__(self):
+                for step, batch in enumerate(loader):
+                    if rank == 1 and step == 1:
+                        batch = TrainBatch(
+                            torch.empty(0),
+                            None,
+                            torch.empty(0),
+                            torch.empty(0),
+                            torch.empty(0),
+                            0,
+                            batch.batch_size,
+                        )
+                    yield batch
+
+        return Stream(), sampler
+
+    trainer_module.build_train_loader = loader_with_an_empty_batch
+    try:
+        images = Path(out_dir) / "images"
+        result = Trainer(_run_config(images, "ddp", "train.iterations=3"), Path(out_dir) / "run", False).fit()
+        assert result.iteration == 3
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_empty_batch_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
+    """A rank whose whole batch was unreadable must not leave the others waiting in the step's collectives."""
+    _images(tmp_path / "images")
+    mp.spawn(_empty_batch_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert records[1].get("skipped_empty_batch") and "loss" in records[0] and "loss" in records[2]
+    assert records[1]["skipped_images"] == 4  # rank 1's four images of step 2, counted over the ranks

@@ -18,9 +18,14 @@ so ``load_backbone``/``load_heads`` read it directly as well.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +38,155 @@ from franca.checkpoints import (
     is_sharded_checkpoint,
     read_sharded_checkpoint,
 )
-from franca.errors import CheckpointError
+from franca.errors import CheckpointError, FrancaError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".franca.lock"
+BACKBONE_EXPORT = "teacher_backbone.safetensors"
+HEADS_EXPORT = "teacher_heads.pth"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.(pt|dcp)$")
+# what a file must hold to be resumed from (the rest is optional: scaler, random states, counters)
+TRAINING_STATE_KEYS = ("iteration", "student", "teacher", "optimizer")
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class DiskFullError(FrancaError):
+    """A checkpoint or export could not be written because its disk (or quota) is full."""
+
+
+class RunDirectoryBusyError(FrancaError):
+    """Another process is writing the same run directory."""
+
+
+_LOCKED_RUNS: set[Path] = set()  # the run directories this process holds
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``<run>/.franca.lock``), held while a process trains into it.
+
+    A POSIX record lock: the operating system releases it when the holder exits, however it exits (``kill -9``
+    included), so it never goes stale, and forked data workers do not inherit it (an orphaned worker never blocks a
+    relaunch). Within one process a set of held directories plays the same role (POSIX locks do not exclude their
+    own process). The file records the holder's pid and host for the message a second writer gets. Where
+    ``fcntl`` is missing (Windows) only the in-process check applies.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._key = Path(run_dir).resolve()
+        self._handle: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunDirectoryBusyError` naming the process that holds it."""
+        if self._handle is not None:
+            return
+        if self._key in _LOCKED_RUNS:
+            raise self._busy(f"pid {os.getpid()}, this process")
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            import fcntl
+
+            fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no lock between processes
+            pass
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise self._busy(holder) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        _LOCKED_RUNS.add(self._key)
+
+    def _busy(self, holder: str) -> RunDirectoryBusyError:
+        return RunDirectoryBusyError(
+            f"{self.path.parent}: another franca process ({holder}) is training into this run directory; "
+            "wait for it to finish or stop it, or choose another output directory"
+        )
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the lock
+            self._handle = None
+            _LOCKED_RUNS.discard(self._key)
+
+
+def _errors_in(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and every exception chained to it (causes, contexts, and the per-rank failures that
+    ``torch.distributed.checkpoint`` collects in a ``CheckpointException``)."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, tuple):  # DCP stores (exception, traceback) pairs
+            pending.extend(item)
+            continue
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        pending.extend([item.__cause__, item.__context__, *getattr(item, "failures", {}).values()])
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception chained to it) says the disk or the quota is full."""
+    return any(
+        (isinstance(item, OSError) and item.errno in _DISK_FULL_ERRNOS)
+        or "No space left on device" in str(item)
+        for item in _errors_in(error)
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a nested state (this process's shards for sharded tensors)."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(value) for value in state)
+    return 0
+
+
+@contextlib.contextmanager
+def explain_disk_full(target: Path, needed: int, *temporaries: Path) -> Iterator[None]:
+    """Remove ``temporaries`` when the write inside fails; a full disk becomes one :class:`DiskFullError` line
+    naming the folder and the bytes needed (the files already in place stay as they were)."""
+    try:
+        yield
+    except BaseException as error:
+        for path in temporaries:
+            _remove(path)
+        if not is_disk_full(error):
+            raise
+        folder = target.parent
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        raise DiskFullError(
+            f"{folder}: no space left to write {target.name} (about {_gib(needed)} needed, {_gib(free)} free); "
+            "free some space (or lower train.keep_last, or move train.output_dir to a larger disk) and run the same "
+            "command again: it resumes from the newest complete checkpoint"
+        ) from None
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with explain_disk_full(path, state_bytes(obj), tmp), open(tmp, "wb") as handle:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
@@ -143,7 +286,7 @@ class ShardedCheckpointWriter:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self.asynchronous = asynchronous
-        self._pending: tuple[Any, Path, Path] | None = None
+        self._pending: tuple[Any, Path, Path, int] | None = None
         self._async_group: Any = None
         if asynchronous and not dist_utils.is_enabled():
             ignore_dcp_single_process_warning()
@@ -159,23 +302,25 @@ class ShardedCheckpointWriter:
             _remove(tmp)
             tmp.mkdir(parents=True)
         dist_utils.barrier()
-        with dcp_single_process():
+        needed = state_bytes(state)
+        with dcp_single_process(), explain_disk_full(final, needed, tmp):
             if not self.asynchronous:
                 dcp.save(state, checkpoint_id=tmp)
                 self._publish(tmp, final)
                 return final
             response = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group())
         future = getattr(response, "upload_completion", response)  # torch >= 2.9 may return a response object
-        self._pending = (future, tmp, final)
+        self._pending = (future, tmp, final, needed)
         return final
 
     def wait(self) -> None:
         """Finish and publish the checkpoint being written in the background, if any."""
         if self._pending is None:
             return
-        future, tmp, final = self._pending
+        future, tmp, final, needed = self._pending
         self._pending = None
-        future.result()
+        with explain_disk_full(final, needed, tmp):
+            future.result()
         self._publish(tmp, final)
 
     def _group(self) -> Any:
@@ -247,24 +392,77 @@ def shard_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete the hidden ``.*.tmp`` files and folders that killed saves left in the run's checkpoint folder."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    """Delete the temporaries that killed saves left in a run directory (``*.tmp`` files and folders of the run
+    folder and of its checkpoint folder). Call it only while holding the run's :class:`RunLock`: a live writer's
+    temporaries look the same."""
+    stale: list[Path] = []
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if folder.is_dir():
+            stale += sorted(path for path in folder.glob("*.tmp") if path.name != LOCK_FILE)
+            stale += sorted(folder.glob(".*.tmp"))
     for path in stale:
         _remove(path)
     return stale
 
 
+def sharded_checkpoint_shapes(path: str | os.PathLike, entry: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors under top-level ``entry`` of a sharded checkpoint folder, read from its metadata
+    (keys without the ``<entry>.`` prefix)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = f"{entry}."
+    return {
+        key[len(prefix) :]: tuple(item.size)
+        for key, item in metadata.items()
+        if key.startswith(prefix) and hasattr(item, "size")
+    }
+
+
+def export_iterations(run_dir: str | os.PathLike) -> tuple[int | None, int | None]:
+    """The iterations recorded in the run's teacher exports (backbone, heads); None for a missing or unreadable one."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    backbone = heads = None
+    with contextlib.suppress(Exception), safe_open(str(run_dir / BACKBONE_EXPORT), framework="pt") as handle:
+        backbone = int((handle.metadata() or {})["iteration"])
+    with contextlib.suppress(Exception):
+        heads = int(
+            torch.load(run_dir / HEADS_EXPORT, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+        )
+    return backbone, heads
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint (tensors and plain containers only); a sharded folder is consolidated in memory."""
+    """Read a training checkpoint (tensors and plain containers only); a sharded folder is consolidated in memory.
+
+    Raises :class:`CheckpointError` (one line) for a file that cannot be read or holds no training state.
+    """
     if is_sharded_checkpoint(path):
-        return read_sharded_checkpoint(path)
-    try:
-        # memory-mapped: each rank pages in only what it copies into its shards, not a private copy of the whole state
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any failure means the file cannot be resumed from
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: cannot resume from this training checkpoint ({reason})") from None
+        state = read_sharded_checkpoint(path)
+    else:
+        try:
+            # memory-mapped: each rank pages in only what it copies into its shards, not a private copy of the state
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any failure means the file cannot be resumed from
+            # torch's own text may advise weights_only=False, which would run whatever pickle the file holds
+            reason = type(error).__name__ if "weights_only" in str(error) else _first_line(error)
+            raise CheckpointError(
+                f"{path}: not a readable training checkpoint, probably truncated or corrupt ({reason})"
+            ) from None
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (no {', '.join(repr(k) for k in missing)} entry); "
+            "a run resumes only from the checkpoints/checkpoint_<iteration> files franca train writes"
+        )
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def export_teacher(
@@ -281,9 +479,9 @@ def export_teacher(
         {k[len("backbone.") :]: v for k, v in official_state.items() if k.startswith("backbone.")},
         assign=True,
     )
-    backbone_path = save_backbone(
-        backbone, run_dir / "teacher_backbone.safetensors", metadata={"iteration": str(iteration)}
-    )
+    target = run_dir / BACKBONE_EXPORT
+    with explain_disk_full(target, state_bytes(official_state), target.with_name(target.name + ".tmp")):
+        backbone_path = save_backbone(backbone, target, metadata={"iteration": str(iteration)})
     heads = {k: v for k, v in official_state.items() if k.startswith(("dino_head.", "ibot_head."))}
-    heads_path = atomic_torch_save({"teacher": heads, "iteration": iteration}, run_dir / "teacher_heads.pth")
+    heads_path = atomic_torch_save({"teacher": heads, "iteration": iteration}, run_dir / HEADS_EXPORT)
     return backbone_path, heads_path

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 
 from franca import distributed as dist_utils
-from franca.checkpoints import dcp_load, is_sharded_checkpoint
-from franca.errors import FrancaError
+from franca.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
+from franca.errors import CheckpointError, ConfigError, FrancaError
 from franca.models.meta_init import InitRecorder
 from franca.progress import ProgressBar
 from franca.train.checkpointing import (
+    RunLock,
     ShardedCheckpointWriter,
+    export_iterations,
     export_teacher,
     latest_checkpoint,
     list_checkpoints,
@@ -35,7 +37,9 @@ from franca.train.checkpointing import (
     native_teacher_state,
     official_teacher_state,
     remove_stale_temporaries,
+    rotate_checkpoints,
     save_checkpoint,
+    sharded_checkpoint_shapes,
     use_sharded_checkpoints,
 )
 from franca.train.config import TrainConfig, config_to_dict, resolve_batch_sizes, save_config
@@ -75,6 +79,7 @@ class TrainResult:
     backbone_path: Path | None = None
     heads_path: Path | None = None
     checkpoint_path: Path | None = None
+    skipped_images: int = 0  # unreadable images skipped by this fit (all ranks)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -140,6 +145,17 @@ def _gathered_rng_states(device: torch.device) -> dict[str, dict[str, Any]]:
     gathered: list[Any] = [None] * dist_utils.get_world_size()
     dist.all_gather_object(gathered, state)
     return {f"rank{rank}": rank_state for rank, rank_state in enumerate(gathered)}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"model.arch": ..., "heads.n_prototypes": ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -208,6 +224,7 @@ class Trainer:
             else None
         )
         self.device_augment = build_device_augmentation(config) if config.crops.augment_on_device else None
+        self.run_lock = RunLock(self.output_dir)  # taken by rank 0 while fit() runs
         self.iteration = 0
         # Between fit(stop_at=...) calls of one Trainer (the demo trains in chunks): the iteration the state in
         # memory was last saved at or loaded from, and the live data iterator with the iteration it yields next, so
@@ -215,6 +232,7 @@ class Trainer:
         self._checkpointed_iteration: int | None = None
         self._data_iterator: tuple[int, Any] | None = None
         self.consecutive_nonfinite = 0
+        self._save_pending = False  # a checkpoint that was due while the loss was not finite
         # seed the per-rank model randomness (stochastic depth) differently on each rank
         torch.manual_seed(config.train.seed + 1 + self.rank)
 
@@ -296,16 +314,67 @@ class Trainer:
         self._restore_counters_and_rng(state)
 
     def resume(self) -> Path | None:
-        """Load the newest checkpoint of the run directory, if any; returns its path."""
+        """Load the newest checkpoint of the run directory, if any; returns its path.
+
+        Refuses (one line) a checkpoint of another network than the config's, and a checkpoint that cannot be read,
+        naming the previous checkpoint that a resume could use instead.
+        """
         path = latest_checkpoint(self.output_dir)
         if path is None:
             return None
-        if is_sharded_checkpoint(path):
-            self.load_sharded_checkpoint(path)
-        else:
-            self.load_state_dict(load_checkpoint(path))
+        try:
+            if is_sharded_checkpoint(path):
+                saved = read_sharded_checkpoint(path, keys=("config",)).get("config")
+                self._check_same_network(path, sharded_checkpoint_shapes(path, "student"), saved)
+                self.load_sharded_checkpoint(path)
+            else:
+                state = load_checkpoint(path)
+                shapes = {key: tuple(value.shape) for key, value in state["student"].items()}
+                self._check_same_network(path, shapes, state.get("config"))
+                self.load_state_dict(state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}{self._previous_checkpoint_hint(path)}") from None
         self._checkpointed_iteration = self.iteration
         return path
+
+    def _previous_checkpoint_hint(self, broken: Path) -> str:
+        older = [path for _, path in list_checkpoints(self.output_dir) if path != broken]
+        if not older:
+            return "; no older checkpoint exists: start again in a new output directory"
+        return (
+            f"; the previous checkpoint {older[-1].name} is intact: move {broken.name} out of "
+            f"{broken.parent} and run the same command again to resume from it"
+        )
+
+    def _check_same_network(
+        self, path: Path, saved_shapes: dict[str, tuple[int, ...]], saved_config: dict[str, Any] | None
+    ) -> None:
+        """Raise ConfigError when the checkpoint's student tensors do not fit this config's networks, naming the
+        model/heads keys whose values differ from the run's."""
+        current = {key: tuple(value.shape) for key, value in sharded_model_state(self.student).items()}
+        mismatched = sorted(set(current) ^ set(saved_shapes)) or sorted(
+            key for key in current if current[key] != saved_shapes[key]
+        )
+        if not mismatched:
+            return
+        before = _flatten(saved_config or {})
+        now = _flatten(config_to_dict(self.config))
+        keys = [
+            f"{key}={before[key]} in the run but {now[key]} now"
+            for key in sorted(now)
+            if key.startswith(("model.", "heads."))
+            and "pretrained" not in key
+            and before.get(key, now[key]) != now[key]
+        ]
+        tensor = mismatched[0]
+        what = "; ".join(keys) or (
+            f"tensor {tensor} is {saved_shapes.get(tensor, 'absent')} in the checkpoint, {current.get(tensor, 'absent')} now"
+        )
+        raise ConfigError(
+            f"{self.output_dir} holds a run of another network ({what}; checkpoint {path.name}): give the run's "
+            "values to continue it, or another output directory to start a new run (with "
+            f"model.pretrained_backbone={self.output_dir / 'teacher_backbone.safetensors'} to start from its weights)"
+        )
 
     def _state_is_latest_checkpoint(self) -> bool:
         """Whether the state in memory is the newest checkpoint on disk (this Trainer wrote or loaded it)."""
@@ -383,21 +452,30 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, start_iteration: int) -> None:
-        """Drop the lines a killed run logged after its last checkpoint, so the curve has no duplicates."""
+        """Drop the lines a killed run logged after its last checkpoint, so the curve has no duplicates, and the
+        torn lines (a full disk or power loss cut a write short), so that every later run can read the file."""
         path = self.output_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["iteration"] <= start_iteration
-        ]
+        kept, torn = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+                torn += bool(line.strip())
+            elif record["iteration"] <= start_iteration:
+                kept.append(line)
+        if torn:
+            logger.warning("%s: dropped %d torn or unreadable line(s)", path, torn)
         tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
 
     def _save(self) -> Path | None:
-        """Write the checkpoint of this iteration and the teacher exports (every rank takes part)."""
+        """Write the checkpoint of this iteration and the teacher exports (every rank takes part; a failure on any
+        rank, such as a full disk, raises on every rank)."""
         path = None
         if self.checkpoint_writer is not None:
             # every rank writes its shards; the exports need the full teacher (gathered on rank 0)
@@ -406,13 +484,31 @@ class Trainer:
         else:
             state = self.state_dict()  # consolidated on every rank's CPU (a collective under FSDP)
             teacher = state["teacher"]
-            if self.is_main:
-                path = save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
-        if self.is_main:
-            export_teacher(self.output_dir, teacher, self.teacher.backbone.config, self.iteration)
-        dist_utils.barrier()
+            path = dist_utils.run_on_main(
+                lambda: save_checkpoint(self.output_dir, self.iteration, state, self.config.train.keep_last)
+            )
+        self._export(teacher)
         self._checkpointed_iteration = self.iteration
         return path
+
+    def _export(self, teacher: dict[str, torch.Tensor]) -> None:
+        """Write the teacher backbone and heads of this iteration (rank 0; raises on every rank when it fails)."""
+        dist_utils.run_on_main(
+            lambda: export_teacher(self.output_dir, teacher, self.teacher.backbone.config, self.iteration)
+        )
+
+    def _refresh_stale_exports(self) -> None:
+        """Re-export the teacher when the exports lag the checkpoint the state came from (a run killed between its
+        last checkpoint and the exports), so that a run reporting itself done always leaves matching exports."""
+        recorded = dist_utils.broadcast_object(export_iterations(self.output_dir) if self.is_main else None)
+        if recorded == (self.iteration, self.iteration):
+            return
+        self._export(official_teacher_state(full_model_state(self.teacher)))
+        logger.warning(
+            "re-exported the teacher of iteration %d (the exports held iterations %s)",
+            self.iteration,
+            recorded,
+        )
 
     def _tensorboard(self) -> Any:
         if not self.is_main or not self.config.train.tensorboard:
@@ -427,19 +523,29 @@ class Trainer:
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def _open_run(self) -> None:
-        """Prepare the run directory (stale temporaries removed) and resume from its newest checkpoint, unless the
-        state in memory already is that checkpoint (a staged run of this Trainer)."""
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temporaries(self.output_dir):
-                logger.warning("removed %s, left by an interrupted save", stale)
-        dist_utils.barrier()
+        """Take the run directory (lock, stale temporaries removed, ``keep_last`` exact) and resume from its newest
+        checkpoint, unless the state in memory already is that checkpoint (a staged run of this Trainer)."""
+        dist_utils.run_on_main(self._take_run_directory)
         resumed = None if self._state_is_latest_checkpoint() else self.resume()
+        if resumed is not None:
+            self._refresh_stale_exports()
         if self.is_main:
             save_config(self.config, self.output_dir / "config.yaml")
             self._truncate_metrics(self.iteration)
             if resumed is not None:
-                print(f"resumed from {resumed} at iteration {self.iteration}")
+                logger.info("resumed from %s at iteration %d", resumed, self.iteration)
+
+    def _take_run_directory(self) -> None:
+        """Rank 0: create and lock the run directory, then tidy what killed runs left in it."""
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"{self.output_dir}: the output directory is a file; give a folder")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock.acquire()
+        for stale in remove_stale_temporaries(self.output_dir):
+            logger.warning("removed %s, left by an interrupted save", stale)
+        rotate_checkpoints(
+            self.output_dir, self.config.train.keep_last
+        )  # a kill between a save and its rotation
 
     def _publish_record(self, record: dict[str, Any], bar: ProgressBar, writer: Any) -> None:
         """One logged step: a metrics.jsonl line, the progress bar's postfix, TensorBoard scalars (rank 0)."""
@@ -463,31 +569,64 @@ class Trainer:
                 "or raise train.batch_size_per_device"
             )
 
+    def _agree_on_batch(self, batch: TrainBatch) -> tuple[int, int, bool]:
+        """(usable images, skipped images) of this step over all ranks, and whether every rank can step: a rank
+        whose images were all unreadable has an empty batch, and then no rank steps (they would wait for it)."""
+        counts = [batch.batch_size, batch.num_skipped, int(batch.batch_size == 0)]
+        if self.world_size > 1:
+            summed = dist_utils.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=self.device))
+            counts = [int(value) for value in summed.tolist()]
+        return counts[0], counts[1], counts[2] == 0
+
+    def _no_usable_image(self, skipped: int) -> TrainingError:
+        return TrainingError(
+            f"no readable image in data.path {self.config.data.path}: all {skipped} images read so far were "
+            "unreadable and skipped (see the warnings above); fix or replace the files, or point data.path elsewhere"
+        )
+
+    def _save_if_due(self, due: bool) -> Path | None:
+        """Save when due (or postponed), unless the latest step was non-finite: a checkpoint, its export and the
+        ``keep_last`` rotation then wait for a finite step, so that the newest checkpoint is always a good one."""
+        self._save_pending = self._save_pending or due
+        if not self._save_pending:
+            return None
+        if self.consecutive_nonfinite:
+            return None
+        self._save_pending = False
+        return self._save()
+
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``train.iterations`` (or until ``stop_at``, for tests and staged runs)."""
-        config = self.config
-        total = config.train.iterations
-        end = total if stop_at is None else min(stop_at, total)
-        self._open_run()
+        end = self.config.train.iterations if stop_at is None else min(stop_at, self.config.train.iterations)
+        try:
+            self._open_run()
+            return self._train_until(end)
+        finally:
+            self.run_lock.release()
+
+    def _data_stream(self) -> Any:
+        """The data iterator at ``self.iteration``: the previous fit's workers when they are there, else new ones."""
         if self._data_iterator is not None and self._data_iterator[0] == self.iteration:
-            data_iter = self._data_iterator[1]  # the workers of the previous call, already at this iteration
+            data_iter = self._data_iterator[1]
         else:
+            patch_size = self.student.backbone.patch_size
             loader, _ = build_train_loader(
-                config,
-                self.student.backbone.patch_size,
-                self.batch_size,
-                self.iteration,
-                self.rank,
-                self.world_size,
+                self.config, patch_size, self.batch_size, self.iteration, self.rank, self.world_size
             )
             data_iter = iter(loader)
         self._data_iterator = None
+        return data_iter
+
+    def _train_until(self, end: int) -> TrainResult:
+        config = self.config
+        data_iter = self._data_stream()
         writer = self._tensorboard()
         self.student.train()
         self.teacher.eval()
         last: dict[str, Any] = {}
         checkpoint_path: Path | None = None
-        skipped_images = 0
+        usable_images = skipped_images = 0
+        self._save_pending = False
         bar = ProgressBar(
             total=end,
             initial=self.iteration,
@@ -501,22 +640,21 @@ class Trainer:
                 step_start = time.perf_counter()
                 batch = next(data_iter)
                 data_time = time.perf_counter() - step_start
-                skipped_images += batch.num_skipped
-                if batch.batch_size == 0:
-                    logs: dict[str, Any] = {"skipped_empty_batch": True}
-                else:
-                    logs = self.train_step(batch)
+                usable, skipped, can_step = self._agree_on_batch(batch)
+                usable_images, skipped_images = usable_images + usable, skipped_images + skipped
+                if not usable_images:
+                    raise self._no_usable_image(skipped_images)
+                logs: dict[str, Any] = self.train_step(batch) if can_step else {"skipped_empty_batch": True}
                 self.iteration += 1
-                window_images += batch.batch_size * self.world_size
+                window_images += usable
                 bar.update(1)
-                log_now = (
+                if (
                     self.iteration % config.train.log_every == 0
                     or self.iteration in (1, end)
-                    or bool(logs.get("skipped_nonfinite"))
-                )
-                if log_now:
+                    or "skipped_nonfinite" in logs
+                ):
                     elapsed = time.perf_counter() - window_start
-                    record = {
+                    last = {
                         "iteration": self.iteration,
                         **logs,
                         "images_per_s": window_images / max(elapsed, 1e-9),
@@ -526,20 +664,22 @@ class Trainer:
                         "epoch": self.iteration / config.train.epoch_length,
                     }
                     window_start, window_images = time.perf_counter(), 0
-                    last = record
                     if self.is_main:
-                        self._publish_record(record, bar, writer)
+                        self._publish_record(last, bar, writer)
                 self._stop_on_nonfinite_streak()
-                if self.iteration % config.train.checkpoint_every == 0 or self.iteration == end:
-                    checkpoint_path = self._save()
+                due = self.iteration % config.train.checkpoint_every == 0 or self.iteration == end
+                checkpoint_path = self._save_if_due(due) or checkpoint_path
             if self.checkpoint_writer is not None:  # publish a checkpoint still written in the background
                 self.checkpoint_writer.wait()
-            if self.iteration < total:  # a staged run: the next fit() continues with these workers
+            if (
+                self.iteration < config.train.iterations
+            ):  # a staged run: the next fit() continues with these workers
                 self._data_iterator = (self.iteration, data_iter)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+        self._report_end(skipped_images)
         return TrainResult(
             output_dir=self.output_dir,
             iteration=self.iteration,
@@ -547,7 +687,25 @@ class Trainer:
             backbone_path=self.output_dir / "teacher_backbone.safetensors",
             heads_path=self.output_dir / "teacher_heads.pth",
             checkpoint_path=checkpoint_path,
+            skipped_images=skipped_images,
         )
+
+    def _report_end(self, skipped_images: int) -> None:
+        """Say what a finished fit left out: unreadable images, and a last checkpoint held back by a non-finite loss."""
+        if not self.is_main:
+            return
+        if skipped_images:
+            logger.warning(
+                "%d unreadable images were skipped (counted in metrics.jsonl as skipped_images)",
+                skipped_images,
+            )
+        if self._save_pending:
+            logger.warning(
+                "the loss of the last step (iteration %d) was not finite, so it was not saved; the newest "
+                "checkpoint is %s",
+                self.iteration,
+                latest_checkpoint(self.output_dir) or "none",
+            )
 
 
 def train(
