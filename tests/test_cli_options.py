@@ -114,6 +114,18 @@ def test_output_dir_that_is_a_file_is_a_parse_error(tmp_path: Path, capsys) -> N
         _one_argparse_error(capsys, "--output-dir", f"{a_file} is a file; give a folder")
 
 
+@pytest.mark.parametrize(
+    "argv", [["demo", "--quick", "--output-dir"], ["data", "synth", "--out"]], ids=["demo", "data-synth"]
+)
+def test_demo_and_data_output_folders_that_are_files_are_parse_errors(tmp_path: Path, capsys, argv) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, str(a_file)])
+    assert exit_info.value.code == 2
+    _one_argparse_error(capsys, argv[-1], f"{a_file} is a file; give a folder")
+
+
 def test_embed_out_that_is_a_folder_or_below_a_file_is_a_parse_error(tmp_path: Path, capsys) -> None:
     argv = _commands(tmp_path)["embed"][:-2]
     folder = tmp_path / "features.npy"

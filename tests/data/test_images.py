@@ -186,6 +186,16 @@ def test_list_images_fifo_given_directly_or_listed_is_not_opened(tmp_path: Path)
         _within(30, list_images, str(tmp_path / "*.jpg"))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_load_image_refuses_a_fifo_without_opening_it(tmp_path: Path) -> None:
+    """Listings skip FIFOs, but any path handed to load_image (a segmentation pair, a file list) must not block."""
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        _within(30, load_image, tmp_path / "pipe.png")
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        _within(30, load_image, tmp_path)  # a folder
+
+
 # ----------------------------------------------------------------------------------------------------------- loading
 
 

@@ -20,6 +20,7 @@ def _default_workers() -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``data`` actions (currently ``synth``) as sub-commands of ``parser``."""
     from franca.data.synth import STYLES
+    from franca.eval.common import output_folder
 
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
     synth = actions.add_parser(
@@ -30,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DIR/classes.json and DIR/README.txt. The same arguments always give the same bytes.",
     )
     synth.add_argument(
-        "--out", required=True, help="output folder (created; must be empty or a previous synth output)"
+        "--out",
+        required=True,
+        type=output_folder,
+        help="output folder (created; must be empty or a previous synth output)",
     )
     synth.add_argument(
         "--num-images", type=int, default=DEFAULT_TRAIN_IMAGES, help="training images (default %(default)s)"

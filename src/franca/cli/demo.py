@@ -16,10 +16,12 @@ DEFAULT_QUICK_OUTPUT = "runs/demo_quick"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``franca demo``."""
     from franca.data.synth import STYLES
+    from franca.eval.common import output_folder
 
     parser.add_argument(
         "--output-dir",
         default=None,
+        type=output_folder,
         metavar="DIR",
         help=f"where the run, report.html and metrics.json go (default {DEFAULT_OUTPUT}; "
         f"{DEFAULT_QUICK_OUTPUT} with --quick)",

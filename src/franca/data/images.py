@@ -291,6 +291,11 @@ def decode_image(source: str | Path | IO[bytes] | bytes, name: str | None = None
     )
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
+    if isinstance(source, (str, Path)) and os.path.exists(source) and not os.path.isfile(source):
+        # a FIFO would block the read forever, a device could stream without end: only regular files are images
+        raise UnreadableImageError(
+            f"cannot read image {label}: not a regular file (a folder, FIFO or device)"
+        )
     try:
         with Image.open(source) as opened:
             opened.load()  # forces the full decode, so a truncated file fails here rather than later
