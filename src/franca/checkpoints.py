@@ -38,6 +38,7 @@ from torch import Tensor
 
 from franca.errors import CheckpointError
 from franca.models.layers import FFN_LAYERS
+from franca.models.state import check_tensors
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 
 FORMAT_KEY = "franca_format"
@@ -454,33 +455,6 @@ def _summary(config: ViTConfig) -> str:
         f"embed_dim={config.embed_dim}, depth={config.depth}, patch_size={config.patch_size}, "
         f"img_size={config.img_size}, ffn_layer={config.ffn_layer!r}"
     )
-
-
-def check_tensors(
-    state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], where: str, described: str
-) -> None:
-    """One :class:`CheckpointError` line when ``state`` lacks a tensor of ``expected``, has one more, or one of
-    another shape (named with its shape and the expected one); ``described`` says what ``expected`` comes from."""
-    missing = [key for key in expected if key not in state]
-    if missing:
-        raise CheckpointError(
-            f"{where}: {len(missing)} tensors of {described} are missing (e.g. {missing[0]!r}); "
-            "the checkpoint is incomplete or of another architecture"
-        )
-    unexpected = [key for key in state if key not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: {len(unexpected)} tensors are not part of {described} (e.g. {unexpected[0]!r})"
-        )
-    wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != tuple(shape)]
-    if wrong:
-        key = wrong[0]
-        more = f" ({len(wrong) - 1} more tensors have another shape too)" if len(wrong) > 1 else ""
-        raise CheckpointError(
-            f"{where}: tensor {key!r} has shape {list(state[key].shape)} where {described} expects "
-            f"{list(expected[key])}{more}; the file is corrupt, edited or of another model: download or export it "
-            "again"
-        )
 
 
 def _expected_shapes(

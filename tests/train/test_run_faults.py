@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_trainer import TINY
+from test_trainer import TINY, poison_loss
 
 import franca.train.trainer as trainer_module
 from franca.checkpoints import load_backbone
@@ -80,17 +80,6 @@ def test_exports_follow_the_newest_checkpoint_after_a_kill(
         torch.testing.assert_close(value, teacher[f"backbone.{key}"], rtol=0, atol=0, msg=key)
 
 
-def _poison(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = trainer.loss_fn.forward
-
-    def poisoned(*args, **kwargs):
-        losses = original(*args, **kwargs)
-        losses.total = losses.total * float("nan")
-        return losses
-
-    monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
-
-
 def test_a_nonfinite_streak_never_saves_exports_or_rotates(
     tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,7 +90,7 @@ def test_a_nonfinite_streak_never_saves_exports_or_rotates(
     trainer = Trainer(
         _config(image_dir, "train.iterations=10", "train.max_consecutive_nonfinite=3", *extra), run, False
     )
-    _poison(trainer, monkeypatch)
+    poison_loss(trainer, monkeypatch)
     with pytest.raises(TrainingError, match="checkpoint_00000002.pt"):
         trainer.fit()
     assert _checkpoints(run) == [

@@ -184,14 +184,8 @@ def test_loss_goes_down(tmp_path: Path, image_dir: Path) -> None:
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
 
 
-def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(
-    tmp_path: Path, image_dir: Path, monkeypatch
-) -> None:
-    run = tmp_path / "nan"
-    train(_config(image_dir, "train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
-    trainer = Trainer(
-        _config(image_dir, "train.iterations=10", "train.max_consecutive_nonfinite=3"), run, progress=False
-    )
+def poison_loss(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every loss of ``trainer`` NaN from now on."""
     original = trainer.loss_fn.forward
 
     def poisoned(*args, **kwargs):
@@ -200,6 +194,17 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(
         return losses
 
     monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(
+    tmp_path: Path, image_dir: Path, monkeypatch
+) -> None:
+    run = tmp_path / "nan"
+    train(_config(image_dir, "train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    trainer = Trainer(
+        _config(image_dir, "train.iterations=10", "train.max_consecutive_nonfinite=3"), run, progress=False
+    )
+    poison_loss(trainer, monkeypatch)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row") as excinfo:
         trainer.fit()

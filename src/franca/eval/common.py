@@ -14,7 +14,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +31,25 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # argparse ``type=`` validators, shared by every command (``franca embed``, ``franca eval <protocol>``, ``franca rasa``)
 # so that a bad value stops at parse time with argparse's one error line naming the option (exit status 2), before
 # any model or data is read, instead of a DataLoader traceback or a failure after a long run.
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (batch sizes, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give 1 or more") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
-    return value
+def int_at_least(minimum: int, hint: str = "") -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum`` (``hint`` explains the smallest value in the message)."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer; give {minimum} or more{hint}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give {minimum} or more{hint}")
+        return value
+
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0 (``--num-workers``: 0 loads in the main process)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give 0 or more") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more (0: load in the main process)")
-    return value
+positive_int = int_at_least(1)  # batch sizes, counts
+non_negative_int = int_at_least(0, " (0: load in the main process)")  # --num-workers
 
 
 def output_dir_problem(path: str | os.PathLike) -> str | None:

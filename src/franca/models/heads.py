@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from franca.errors import CheckpointError, ConfigError
+from franca.models.state import check_tensors
 
 __all__ = [
     "MATRYOSHKA_MODES",
@@ -446,7 +447,9 @@ def head_from_state_dict(
             )
     except ConfigError as exc:
         raise CheckpointError(f"{source}: head shapes are inconsistent: {exc}") from exc
-    _check_against_head(head, renamed, source, names)
+    missing_names = {key: _official_name(key) for key in head.state_dict() if key not in names}
+    expected = {key: tuple(value.shape) for key, value in head.state_dict().items()}
+    check_tensors(renamed, expected, source, "the inferred head", {**missing_names, **names})
     head.load_state_dict(renamed, strict=True)  # keys and shapes were checked above
     return head
 
@@ -470,33 +473,6 @@ def _check_ranks(state: Mapping[str, Tensor], source: str, names: Mapping[str, s
                 f"{source}: tensor {names.get(key, key)!r} has shape {list(value.shape)}, expected {rank} dimensions; "
                 "the heads file is corrupt or edited: save or download it again"
             )
-
-
-def _check_against_head(
-    head: nn.Module, state: Mapping[str, Tensor], source: str, names: Mapping[str, str]
-) -> None:
-    """One CheckpointError line when ``state`` misses a tensor of ``head``, has one more, or one of another shape."""
-    expected = {key: tuple(value.shape) for key, value in head.state_dict().items()}
-    missing = [key for key in expected if key not in state]
-    if missing:
-        shown = _official_name(missing[0])
-        raise CheckpointError(
-            f"{source}: {len(missing)} head tensors are missing (e.g. {shown!r}); it is incomplete"
-        )
-    unexpected = [key for key in state if key not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: {len(unexpected)} tensors are not part of the inferred head (e.g. "
-            f"{names.get(unexpected[0], unexpected[0])!r})"
-        )
-    wrong = [key for key, shape in expected.items() if tuple(state[key].shape) != shape]
-    if wrong:
-        key = wrong[0]
-        more = f" ({len(wrong) - 1} more tensors have another shape too)" if len(wrong) > 1 else ""
-        raise CheckpointError(
-            f"{source}: tensor {names.get(key, key)!r} has shape {list(state[key].shape)} where the head inferred "
-            f"from the other tensors expects {list(expected[key])}{more}; the heads file is corrupt or edited"
-        )
 
 
 def _official_name(key: str) -> str:
