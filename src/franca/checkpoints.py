@@ -10,8 +10,9 @@
    training checkpoints (whose ``teacher`` entry has the official layout): single files, and the sharded
    ``torch.distributed.checkpoint`` folders of FSDP runs (only the teacher's tensors are read from those).
 
-Nothing is ever unpickled beyond tensors and plain containers (``weights_only=True``), and torch's advice to load
-with ``weights_only=False`` is never passed on. Every problem is reported as one :class:`~franca.errors.CheckpointError`
+Nothing in a file is ever unpickled beyond tensors and plain containers (``weights_only=True``), and torch's advice to
+load with ``weights_only=False`` is never passed on. Sharded folders are the exception: torch.distributed.checkpoint
+pickles their ``.metadata`` and non-tensor entries, so read only folders that you (or your own runs) wrote. Every problem is reported as one :class:`~franca.errors.CheckpointError`
 line that names the file: an architecture (metadata or overrides) is validated in :func:`build_config`, and every tensor
 is compared with the built model (:func:`check_tensors`) before it is loaded. Weights holding NaN or inf values are
 loaded with one logged warning naming them (:func:`warn_non_finite`).
@@ -108,6 +109,14 @@ def error_reason(error: BaseException) -> str:
     ``torch.load`` suggests re-running with ``weights_only=False`` (or allow-listing globals), which would execute
     whatever the pickle holds; that advice is dropped, as are ANSI colour codes. Falls back to the error's type name.
     """
+    failures = getattr(
+        error, "failures", None
+    )  # torch.distributed.checkpoint: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return error_reason(inner)
     text = _ANSI.sub("", str(error))
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
@@ -156,9 +165,17 @@ def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | Non
             # the private loader that torch's own dcp_to_torch_save uses: the public load() fills a copy of the
             # (empty) dict it is given, and would run collectives inside a distributed job
             _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
-    except Exception as error:  # noqa: BLE001 - DCP wraps reader failures in several types
+    except _dcp_errors() as error:
         raise CheckpointError(f"{path}: not a readable sharded checkpoint ({error_reason(error)})") from None
     return state
+
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """What a failed ``torch.distributed.checkpoint`` read raises: any Exception, or its CheckpointException, which
+    derives from BaseException (so that ``except Exception`` in user code does not swallow it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
 
 
 def dcp_load(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -169,8 +186,11 @@ def dcp_load(state: dict[str, Any], path: str | os.PathLike) -> None:
     """
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    with dcp_single_process():
-        load(state, storage_reader=FileSystemReader(str(path)))
+    try:
+        with dcp_single_process():
+            load(state, storage_reader=FileSystemReader(str(path)))
+    except _dcp_errors() as error:  # on every rank: the ranks read together
+        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({error_reason(error)})") from None
 
 
 _DCP_SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"

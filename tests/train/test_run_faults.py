@@ -335,3 +335,18 @@ def test_the_exported_backbone_of_a_recovered_run_loads(tmp_path: Path, image_di
     train(_config(image_dir, "train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
     assert _export_iterations(run) == (2, 2)
     assert load_backbone(run / "teacher_backbone.safetensors").embed_dim == 64
+
+
+def test_a_corrupt_newest_sharded_checkpoint_names_the_previous_one(tmp_path: Path, image_dir: Path) -> None:
+    run = tmp_path / "corrupt_dcp"
+    extra = ("train.iterations=4", "train.checkpoint_every=2", "train.checkpoint_format=sharded")
+    train(_config(image_dir, *extra), run, progress=False)
+    shard = next((run / "checkpoints" / "checkpoint_00000004.dcp").glob("*.distcp"))
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    with pytest.raises(
+        CheckpointError
+    ) as caught:  # torch's CheckpointException is a BaseException: one line too
+        train(_config(image_dir, *extra[1:], "train.iterations=6"), run, progress=False)
+    message = str(caught.value)
+    assert "checkpoint_00000002.dcp is intact" in message and "\n" not in message
+    assert "CheckpointException" not in message  # the reason is the shard's own error, not DCP's wrapper
