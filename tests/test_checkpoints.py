@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from franca.checkpoints import load_backbone, read_state_dict, resample_pos_embed, save_backbone
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
 from franca.models import build_model
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from franca.cli import build_parser, main
+from franca.core.errors import ConfigError
 from franca.demo import DemoSettings, EvalSettings, dino_plateau, run_demo
-from franca.errors import ConfigError
 from franca.report import format_value
 from franca.train.config import load_config
 

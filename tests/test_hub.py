@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from franca.checkpoints import save_backbone
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.hub import franca_vitb14, release_file_name
 from franca.models import build_model
 

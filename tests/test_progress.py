@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from franca.progress import LOG_MININTERVAL_S, ProgressBar, is_interactive
+from franca.core.progress import LOG_MININTERVAL_S, ProgressBar, is_interactive
 
 
 class FakeTerminal(io.StringIO):
@@ -49,7 +49,7 @@ def test_terminal_keeps_tqdm_default_and_explicit_values_win() -> None:
 def test_environment_override_is_respected() -> None:
     # tqdm reads TQDM_* when it is imported, so the override is checked in a fresh interpreter
     code = (
-        "import io; from franca.progress import ProgressBar; "
+        "import io; from franca.core.progress import ProgressBar; "
         "print(ProgressBar(total=3, file=io.StringIO()).mininterval)"
     )
     env = {**os.environ, "TQDM_MININTERVAL": "5"}

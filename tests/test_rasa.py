@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.linear_model import LinearRegression
 
 import franca
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
 from franca.rasa import (
     apply_rasa_iterative,
     fold_rasa,

@@ -12,7 +12,7 @@
 
 Nothing in a file is ever unpickled beyond tensors and plain containers (``weights_only=True``), and torch's advice to
 load with ``weights_only=False`` is never passed on. Sharded folders are the exception: torch.distributed.checkpoint
-pickles their ``.metadata`` and non-tensor entries, so read only folders that you (or your own runs) wrote. Every problem is reported as one :class:`~franca.errors.CheckpointError`
+pickles their ``.metadata`` and non-tensor entries, so read only folders that you (or your own runs) wrote. Every problem is reported as one :class:`~franca.core.errors.CheckpointError`
 line that names the file: an architecture (metadata or overrides) is validated in :func:`build_config`, and every tensor
 is compared with the built model (:func:`check_tensors`) before it is loaded. Weights holding NaN or inf values are
 loaded with one logged warning naming them (:func:`warn_non_finite`).
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
+from franca.core.io import atomic_target
 from franca.models.layers import FFN_LAYERS
 from franca.models.state import check_tensors
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
@@ -595,7 +596,6 @@ def save_backbone(
     }
     info = {FORMAT_KEY: BACKBONE_FORMAT, "config": json.dumps(model.config.to_dict())}
     info.update(dict(metadata or {}))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=info)
-    os.replace(tmp, path)
+    with atomic_target(path, sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        save_file(tensors, str(tmp), metadata=info)
     return path

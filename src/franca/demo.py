@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from franca.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError
 
 PRESET = "tiny_cpu"
 NUM_SHAPE_CLASSES = 10
@@ -179,7 +179,7 @@ class PhaseLog:
         """Print one progress line with the elapsed time."""
         if not self.enabled:
             return
-        from franca.progress import ProgressBar
+        from franca.core.progress import ProgressBar
 
         ProgressBar.write(f"[demo {format_duration(self.elapsed())}] {message}", file=sys.stdout)
         sys.stdout.flush()
@@ -334,7 +334,7 @@ def load_split(
 
     ``max_images`` keeps a seeded uniform subset of the split (in path order), e.g. to bound feature extraction.
     """
-    from franca.progress import ProgressBar
+    from franca.core.progress import ProgressBar
 
     dataset: torch.utils.data.Dataset = _SplitDataset(root, split, size)
     samples = dataset.segmentation.samples
@@ -622,7 +622,7 @@ def _last_rate(run_dir: Path) -> float | None:
 
 def existing_run(run_dir: Path, log: PhaseLog, mode: str = "slice") -> TrainOutcome:
     """The run in ``run_dir`` as it is (``--eval-only``): its own config.yaml and exported backbone, no training."""
-    from franca.errors import CheckpointError
+    from franca.core.errors import CheckpointError
     from franca.train.checkpointing import list_checkpoints
     from franca.train.config import load_config
 
@@ -695,8 +695,8 @@ def extract_features(
     progress: bool = True,
 ) -> Features:
     """One pass of ``model`` over uint8 images [N, 3, S, S] (ImageNet-normalised here): CLS and patch grid."""
-    from franca.eval.common import autocast_context
-    from franca.progress import ProgressBar
+    from franca.core.progress import ProgressBar
+    from franca.core.runtime import autocast_context
 
     model = model.to(device).eval()
     patch_size = int(model.patch_size)
@@ -1456,7 +1456,7 @@ def ablation_verdict(modes: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------- main flow
 def resolve_device(name: str) -> torch.device:
     """The demo's device; ``cpu`` also hides GPUs from the trainer (it picks CUDA whenever one is visible)."""
-    from franca.eval.common import resolve_device as resolve
+    from franca.core.runtime import resolve_device as resolve
 
     if name == "cpu" and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA first initialises, i.e. by the trainer

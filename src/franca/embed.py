@@ -8,6 +8,7 @@ round-trips) and :func:`read_embedding_paths` reads the paths back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from franca.core.errors import ConfigError, DataError
+from franca.core.io import atomic_target
+from franca.core.progress import ProgressBar
+from franca.core.runtime import autocast_context
 from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
-from franca.errors import ConfigError, DataError
-from franca.eval.common import autocast_context
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.progress import ProgressBar
 
 TOKEN_KINDS = ("cls", "patch", "mean", "patch_rasa")
 #: Suffixes of the feature files :func:`save_embeddings` writes.
@@ -122,6 +124,24 @@ def _write_paths(paths: Sequence[str | os.PathLike], target: Path) -> None:
         handle.writelines(json.dumps(os.fspath(path)) + "\n" for path in paths)
 
 
+def _write_features(result: EmbeddingResult, suffix: str, files: list[Path]) -> None:
+    """The features into ``files``: one safetensors file with a tensor per kind, or one ``.npy`` per kind."""
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        metadata = {
+            "paths": json.dumps([os.fspath(p) for p in result.paths]),
+            "grid": json.dumps(list(result.grid)),
+            "skipped": json.dumps([os.fspath(p) for p in result.skipped]),
+        }
+        tensors = {kind: value.contiguous() for kind, value in result.features.items()}
+        save_file(tensors, str(files[0]), metadata=metadata)
+        return
+    for kind, file in zip(result.features, files):
+        with open(file, "wb") as handle:
+            np.save(handle, result.features[kind].numpy())
+
+
 def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Path]:
     """Write features to ``out`` (``.safetensors``: one tensor per kind; ``.npy``: one file per kind) and the paths.
 
@@ -132,7 +152,7 @@ def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Pat
     :func:`os.fsdecode` (``\\udcff`` for byte 0xff); ``os.fsencode(json.loads(line))`` gives back the exact bytes,
     and the decoded string opens the file as is. :func:`read_embedding_paths` reads the list back.
 
-    Every file is first written under a temporary name (``<name>.tmp``) and all of them are renamed into place only
+    Every file is first written under a temporary name (``.<name>.tmp``) and all of them are renamed into place only
     once all are complete, so that an error while writing leaves the previous outputs untouched and never a features
     file without its paths (or the other way round). Outputs of an earlier run to the same ``out`` that this one does
     not rewrite are removed, since their rows would not match the new paths: ``<stem>.<kind>.npy`` of other kinds,
@@ -144,50 +164,23 @@ def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Pat
     if out.suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--out {out}: use a .npy or .safetensors file name")
     ensure_output_dir(out.parent, option="--out")
-    targets: list[Path] = []
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(target: Path) -> Path:
-        tmp = target.with_name(target.name + ".tmp")
-        staged.append((tmp, target))
-        targets.append(target)
-        return tmp
-
+    kinds = list(result.features)
+    if out.suffix == ".safetensors":
+        targets = [out]
+    else:
+        targets = [out if len(kinds) == 1 else out.with_name(f"{out.stem}.{kind}.npy") for kind in kinds]
     try:
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            metadata = {
-                "paths": json.dumps([os.fspath(p) for p in result.paths]),
-                "grid": json.dumps(list(result.grid)),
-                "skipped": json.dumps([os.fspath(p) for p in result.skipped]),
-            }
-            tensors = {kind: value.contiguous() for kind, value in result.features.items()}
-            save_file(tensors, str(stage(out)), metadata=metadata)
-        else:
-            kinds = list(result.features)
-            for kind in kinds:
-                target = out if len(kinds) == 1 else out.with_name(f"{out.stem}.{kind}.npy")
-                with open(stage(target), "wb") as handle:
-                    np.save(handle, result.features[kind].numpy())
-        _write_paths(result.paths, stage(paths_file(out)))
-    except BaseException as error:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ConfigError(
-                f"--out {out}: cannot write {error.filename or out} ({error.strerror or error}); nothing was replaced"
-            ) from error
-        raise
-    for index, (tmp, target) in enumerate(staged):  # renames in one folder: they only fail if it vanishes
-        try:
-            os.replace(tmp, target)
-        except OSError as error:
-            for left, _ in staged[index:]:
-                left.unlink(missing_ok=True)
-            raise ConfigError(
-                f"--out {out}: cannot rename {tmp} to {target} ({error.strerror or error})"
-            ) from error
+        with contextlib.ExitStack() as stack:  # every file renamed into place only once all are complete
+            temporaries = [
+                stack.enter_context(atomic_target(target)) for target in [*targets, paths_file(out)]
+            ]
+            _write_features(result, out.suffix, temporaries[:-1])
+            _write_paths(result.paths, temporaries[-1])
+    except OSError as error:
+        raise ConfigError(
+            f"--out {out}: cannot write {error.filename or out} ({error.strerror or error}); nothing was replaced"
+        ) from error
+    targets.append(paths_file(out))
     stale = [out.with_name(f"{out.stem}.paths.txt")]
     if out.suffix == ".npy":
         stale += [out, *(out.with_name(f"{out.stem}.{kind}.npy") for kind in TOKEN_KINDS)]
@@ -203,7 +196,7 @@ def read_embedding_paths(out: str | os.PathLike) -> list[str]:
     Reads ``<stem>.paths.jsonl`` (see :func:`save_embeddings`); paths are :func:`os.fsdecode` strings, so
     ``os.fsencode(path)`` gives the exact bytes of a name that is not UTF-8. Outputs of older versions are read too:
     the ``<stem>.paths.txt`` list (one path per line), or else the metadata of a ``.safetensors`` file.
-    Raises :class:`~franca.errors.DataError` when none is found.
+    Raises :class:`~franca.core.errors.DataError` when none is found.
     """
     out = Path(out)
     jsonl = paths_file(out)

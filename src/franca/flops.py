@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.models.heads import DINOHead, MatryoshkaHead, matryoshka_prototype_counts
 from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, ViTConfig
 from franca.train.config import HeadsConfig, MaskingConfig, TrainConfig

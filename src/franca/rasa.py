@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from franca.errors import CheckpointError, ConfigError, DataError
+from franca.core.errors import CheckpointError, ConfigError, DataError
+from franca.core.io import atomic_torch_save
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 # The official RASA training transform normalises with std (0.229, 0.224, 0.255), a typo for ImageNet's 0.225
@@ -230,12 +231,7 @@ def save_rasa_head(weights: Sequence[Tensor], path: str | os.PathLike) -> Path:
     state = {
         key: value.detach().to("cpu", torch.float32).contiguous().clone() for key, value in state.items()
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(state, path)
 
 
 def rasa_matrix_from(
@@ -447,7 +443,7 @@ class _ImageFeatureStream:
         self.loaded = self.skipped = 0
 
     def __call__(self) -> Iterator[tuple[Tensor, Grid]]:
-        from franca.progress import ProgressBar
+        from franca.core.progress import ProgressBar
 
         total = len(self.loader) if hasattr(self.loader, "__len__") else None
         loaded = skipped = 0
@@ -780,7 +776,7 @@ def train_rasa(
     images) from the features after removals 0..t to the positions, i.e. how much linearly decodable absolute
     position is left. MSEs are per coordinate, as the training loss.
     """
-    from franca.progress import ProgressBar
+    from franca.core.progress import ProgressBar
 
     if iterations < 1 or epochs_per_iteration < 1:
         raise ConfigError("RASA needs iterations >= 1 and epochs per iteration >= 1")

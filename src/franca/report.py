@@ -29,13 +29,13 @@ import logging
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from franca.errors import DataError
+from franca.core.errors import DataError
+from franca.core.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +58,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------- small helpers
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _finite_number(value: Any) -> float | None:
     """``value`` as a float when it is a finite real number (not a bool), else ``None``."""
     if isinstance(value, bool) or value is None:
@@ -147,7 +130,7 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, Any]) -> P
     nested dict of results can be passed as it is.
     """
     text = json.dumps(_to_json_safe(metrics), indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False)
-    return _atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------------- plots
@@ -161,7 +144,7 @@ def _new_figure(width: float, height: float) -> Any:
 def _save_figure(figure: Any, out_png: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, facecolor="white")
-    return _atomic_write_bytes(out_png, buffer.getvalue())
+    return atomic_write_bytes(out_png, buffer.getvalue())
 
 
 def _style_axes(axes: Any) -> None:
@@ -782,7 +765,7 @@ def render_report(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n"
         f"<body><main>{''.join(body)}</main></body></html>\n"
     )
-    return _atomic_write_bytes(out_html, page.encode("utf-8"))
+    return atomic_write_bytes(out_html, page.encode("utf-8"))
 
 
 def default_facts(total_time_s: float | None = None, **extra: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from franca.core.errors import ConfigError
 from franca.data.augmentations import MultiCropAugmentation, eval_transform
-from franca.errors import ConfigError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

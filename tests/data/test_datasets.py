@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from franca.core.errors import ConfigError, DataError
 from franca.data.datasets import (
     ImageFolderDataset,
     InfiniteSampler,
@@ -23,7 +24,6 @@ from franca.data.datasets import (
     build_unlabeled_dataset,
 )
 from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
-from franca.errors import ConfigError, DataError
 
 
 def _save(path: Path, value: int = 50) -> Path:

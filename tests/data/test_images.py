@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from franca.core.errors import DataError
 from franca.data.images import (
     IMAGE_EXTENSIONS,
     TRANSPARENT_BACKGROUND,
@@ -24,7 +25,6 @@ from franca.data.images import (
     list_images,
     load_image,
 )
-from franca.errors import DataError
 
 BACKGROUND = np.array((124, 116, 104), dtype=np.float64)  # ImageNet mean x 255, rounded
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import franca.cli as cli
+from franca.core.errors import ConfigError, DataError
 from franca.data import synth
-from franca.errors import ConfigError, DataError
 
 NUM_CLASSES = 10
 VALID_LABELS = set(range(NUM_CLASSES + 1)) | {255}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.eval.knn import knn_classify, knn_search, knn_votes
 
 

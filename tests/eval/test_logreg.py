@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.eval.linear import holdout_split
 from franca.eval.logreg import c_grid, classification_metrics, logreg_classify
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.errors import DataError
+from franca.core.errors import DataError
 from franca.eval.pca_maps import compose_grid, pca_feature_maps, pca_rgb, save_pca_maps
 
 

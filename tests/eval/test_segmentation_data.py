@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from franca.core.errors import DataError
 from franca.data.images import SkipCounter
-from franca.errors import DataError
 from franca.eval.segmentation_data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

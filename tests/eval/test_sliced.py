@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.eval.sliced import default_dims, pca_fit, plot_sliced, sliced_knn
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from franca.errors import CheckpointError, ConfigError
+from franca.core.errors import CheckpointError, ConfigError
 from franca.models.heads import (
     DINOHead,
     MatryoshkaHead,

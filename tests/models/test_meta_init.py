@@ -84,7 +84,7 @@ def test_recorder_restores_torch_nn_init() -> None:
 
 
 def test_init_device_choice() -> None:
-    from franca.errors import ConfigError
+    from franca.core.errors import ConfigError
     from franca.train.trainer import use_meta_init
 
     config = load_config("tiny_cpu", [*TINY, "distributed.strategy=fsdp"])

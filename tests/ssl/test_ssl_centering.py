@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.ssl import EmaCenter, TeacherTargets
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.ssl import CyclicMask, build_mask_batch
 
 

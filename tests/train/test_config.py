@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.train.config import (
     TrainConfig,
     config_from_dict,

@@ -23,7 +23,7 @@ from test_trainer import TINY, poison_loss
 import franca.train.trainer as trainer_module
 from franca.checkpoints import load_backbone
 from franca.cli import main
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
 from franca.train.checkpointing import load_checkpoint
 from franca.train.config import load_config
 from franca.train.trainer import Trainer, TrainingError, train

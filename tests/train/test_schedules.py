@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.train.config import load_config
 from franca.train.schedules import Schedules, cosine_schedule, linear_warmup_schedule, scaled_lr
 

@@ -15,7 +15,7 @@ from test_trainer import TINY
 
 from franca.checkpoints import is_sharded_checkpoint, load_backbone
 from franca.cli import main as cli_main
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
 from franca.train.checkpointing import (
     consolidate_checkpoint,
     latest_checkpoint,

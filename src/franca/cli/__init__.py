@@ -2,7 +2,7 @@
 
 Each sub-command lives in its own module ``franca.cli.<name>`` with two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs so that
-``franca --help`` stays fast. Errors derived from :class:`franca.errors.FrancaError` are printed as one line.
+``franca --help`` stays fast. Errors derived from :class:`franca.core.errors.FrancaError` are printed as one line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from franca.errors import FrancaError
+from franca.core.errors import FrancaError
 
 COMMANDS: dict[str, str] = {
     "embed": "turn a folder of images into features with a backbone checkpoint",

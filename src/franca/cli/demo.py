@@ -95,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings from ``args`` and run the demo; returns 0."""
+    from franca.core.errors import ConfigError
     from franca.demo import DemoSettings, apply_quick, run_demo
-    from franca.errors import ConfigError
 
     for name in ("num_images", "val_images", "iterations", "batch_size"):
         value = getattr(args, name)

@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from franca.checkpoints import load_backbone, save_backbone
+    from franca.core.errors import ConfigError
+    from franca.core.runtime import resolve_device
     from franca.data.images import ImageFileDataset, collate_skip_none, list_images
-    from franca.errors import ConfigError
-    from franca.eval.common import resolve_device
     from franca.rasa import rasa_eval_transform, rasa_transform, save_rasa_head, train_rasa
 
     start = time.perf_counter()

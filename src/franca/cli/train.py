@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     start = time.perf_counter()
     result = train(config, args.output_dir, progress=not args.no_progress)
-    from franca.distributed import is_main_process
+    from franca.core.distributed import is_main_process
 
     if not is_main_process():
         return 0

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 
 __all__ = [
     "BLUR_PROBABILITIES",

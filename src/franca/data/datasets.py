@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from franca.core.errors import ConfigError, DataError
 from franca.data.images import (
     IMAGE_EXTENSIONS,
     ImageFileDataset,
@@ -46,7 +47,6 @@ from franca.data.images import (
     is_image_file,
     list_images,
 )
-from franca.errors import ConfigError, DataError
 
 __all__ = [
     "DATASET_KINDS",

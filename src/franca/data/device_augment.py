@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from franca.core.errors import ConfigError
 from franca.data.augmentations import (
     BLUR_KERNEL_SIZE,
     BLUR_PROBABILITIES,
@@ -40,7 +41,6 @@ from franca.data.augmentations import (
     check_color_jitter,
     check_probability,
 )
-from franca.errors import ConfigError
 
 if TYPE_CHECKING:
     from franca.train.ssl_model import TrainBatch

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
-from franca.errors import DataError
+from franca.core.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -376,7 +376,7 @@ def collate_skip_none(batch: Sequence[tuple[Any, int] | None]) -> Batch:
 class SkipCounter:
     """Tally, in the main process, of samples loaded and dropped as unreadable, from the batches of a DataLoader.
 
-    Counts are per process (per rank); :meth:`global_counts` sums them over ranks through ``franca.distributed``
+    Counts are per process (per rank); :meth:`global_counts` sums them over ranks through ``franca.core.distributed``
     (a collective: every rank must call it). Counting happens here, on the batches the main process receives,
     because the collate function and the data set run in the DataLoader workers, whose state never comes back.
     """
@@ -396,7 +396,7 @@ class SkipCounter:
 
     def global_counts(self) -> tuple[int, int]:
         """``(loaded, skipped)`` summed over all ranks (equal to the local counts without a process group)."""
-        from franca.distributed import all_reduce_sum
+        from franca.core.distributed import all_reduce_sum
 
         counts = all_reduce_sum(torch.tensor([self.num_loaded, self.num_skipped], dtype=torch.float64))
         return int(counts[0].item()), int(counts[1].item())

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from franca.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError
 
 CLASS_NAMES: tuple[str, ...] = (
     "circle",
@@ -1019,7 +1019,7 @@ def generate_synthetic_dataset(
     # replaced) as this generator's output, and rewritten with complete=true at the end.
     _write_metadata(info, complete=False)
 
-    from franca.progress import ProgressBar
+    from franca.core.progress import ProgressBar
 
     with ProgressBar(total=len(tasks), desc="synth", unit="img", disable=not progress) as bar:
         for done in _iterate_results(tasks, workers):

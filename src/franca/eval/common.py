@@ -8,12 +8,10 @@ so that every ``franca eval <protocol>`` command takes the same options and writ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from franca.errors import CheckpointError, ConfigError
+from franca.core.errors import CheckpointError, ConfigError
+from franca.core.io import atomic_write_text
+from franca.core.runtime import resolve_device
 
 DEFAULT_OUTPUT_ROOT = Path("runs") / "eval"
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -145,45 +144,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None =
 
 
 # --------------------------------------------------------------------------------------------------- devices
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cpu``; ``cuda``/``cuda:N`` (ConfigError when no GPU is visible)."""
-    if isinstance(name, torch.device):
-        return name
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"--device {name}: no CUDA device is visible; use --device cpu or --device auto"
-            )
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        return device
-    if name == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
-        return torch.device("mps")
-    raise ConfigError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N")
-
-
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (as the official evaluations), a no-op elsewhere (bf16 on CPU is ~20x slower here)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) for reproducible protocol choices."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------------- model
 def check_input_size(size: int, patch_size: int, option: str = "--size") -> None:
     """Raise ConfigError unless ``size`` is a positive multiple of ``patch_size``."""
@@ -357,10 +317,9 @@ def write_results(
         "arguments": arguments,
         "metrics": _jsonable(results),
     }
-    path = directory / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    path = atomic_write_text(
+        directory / f"{name}.json", json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    )
     if print_table:
         scalars = flatten_scalars(results)
         if scalars:

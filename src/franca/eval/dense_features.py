@@ -3,7 +3,7 @@
 Features are the backbone's final-norm patch tokens ``x_norm_patchtokens`` reshaped to the patch grid
 ``[B, h, w, D]`` (row-major, h = H / patch, w = W / patch), or the RASA tokens ``x_norm_patchtokens_rasa`` when a
 RASA head is attached (``tokens="auto"`` picks them then, as the paper evaluates dense tasks with RASA). On CUDA the
-forward runs under bf16 autocast (:func:`franca.eval.common.autocast_context`); features are returned in fp32.
+forward runs under bf16 autocast (:func:`franca.core.runtime.autocast_context`); features are returned in fp32.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from franca.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError
 
 TOKEN_CHOICES = ("auto", "patch", "rasa")
 
@@ -41,7 +41,7 @@ def extract_patch_grid(
     ``n_last_blocks`` > 1 concatenates the final-normed patch tokens of the last blocks along channels
     (``get_intermediate_layers``); it is only defined for the raw patch tokens, not for RASA ones.
     """
-    from franca.eval.common import autocast_context
+    from franca.core.runtime import autocast_context
 
     patch = int(model.patch_size)
     batch, _, height, width = images.shape
@@ -82,8 +82,8 @@ def iterate_dense_batches(
     ``loader`` yields :class:`franca.data.images.Batch` objects (see ``make_segmentation_loader``); unreadable
     samples are counted by ``counter`` (a :class:`franca.data.images.SkipCounter`) and empty batches skipped.
     """
+    from franca.core.progress import ProgressBar
     from franca.data.images import SkipCounter
-    from franca.progress import ProgressBar
 
     counter = counter if counter is not None else SkipCounter()
     for batch in ProgressBar(loader, desc=desc, unit="batch", leave=False):

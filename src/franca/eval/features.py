@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from franca.errors import ConfigError, DataError
-from franca.eval.common import autocast_context
-from franca.progress import ProgressBar
+from franca.core.errors import ConfigError, DataError
+from franca.core.progress import ProgressBar
+from franca.core.runtime import autocast_context
 
 FEATURE_KINDS: tuple[str, ...] = ("cls", "cls_concat", "avgpool", "avgpool_rasa", "patch", "patch_rasa")
 _RASA_KINDS = ("avgpool_rasa", "patch_rasa")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError
 from franca.eval.miou import confusion_matrix, miou_from_confusion, pixel_accuracy
 
 SEARCH_CHOICES = ("auto", "torch", "faiss")
@@ -405,7 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``franca eval hummingbird``: load the model and data, evaluate, write DIR/hummingbird.json."""
-    from franca.eval.common import load_model, seed_everything, write_results
+    from franca.core.runtime import seed_everything
+    from franca.eval.common import load_model, write_results
     from franca.eval.dense_features import seed_list
     from franca.eval.segmentation_data import build_segmentation_datasets
 

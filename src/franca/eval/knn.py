@@ -20,15 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from franca.errors import ConfigError
-from franca.eval.common import (
-    add_common_arguments,
-    format_table,
-    load_model,
-    seed_everything,
-    write_results,
-)
-from franca.progress import ProgressBar
+from franca.core.errors import ConfigError
+from franca.core.progress import ProgressBar
+from franca.core.runtime import seed_everything
+from franca.eval.common import add_common_arguments, format_table, load_model, write_results
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07

@@ -34,20 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
+from franca.core.progress import ProgressBar
+from franca.core.runtime import autocast_context, seed_everything
 from franca.eval.common import (
     add_common_arguments,
-    autocast_context,
     format_table,
     load_model,
     make_loader,
     positive_int,
-    seed_everything,
     write_results,
 )
 from franca.eval.features import extract_features, forward_kinds, unpack_batch
 from franca.eval.knn import add_dataset_arguments, classification_datasets
-from franca.progress import ProgressBar
 
 DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 DEFAULT_FEATURE_SETS: tuple[str, ...] = ("cls1", "cls4", "cls1+avgpool", "cls4+avgpool")

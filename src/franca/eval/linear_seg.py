@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.eval.miou import confusion_matrix, miou_from_confusion, pixel_accuracy
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -102,7 +102,7 @@ def train_linear_head(
     ``miou`` (percent), ``per_class_iou`` [C] (fractions, NaN for absent classes), ``pixel_accuracy`` (percent),
     ``train_loss`` (mean per epoch), the trained ``head`` and the resolved hyper-parameters.
     """
-    from franca.progress import ProgressBar
+    from franca.core.progress import ProgressBar
 
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -299,7 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """``franca eval linear-seg``: load the model and data, train and evaluate, write DIR/linear-seg.json."""
     from pathlib import Path
 
-    from franca.eval.common import load_model, seed_everything, write_results
+    from franca.core.runtime import seed_everything
+    from franca.eval.common import load_model, write_results
     from franca.eval.segmentation_data import build_segmentation_datasets
 
     seed_everything(args.seed)

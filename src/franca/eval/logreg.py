@@ -27,17 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from franca.errors import ConfigError
-from franca.eval.common import (
-    add_common_arguments,
-    format_table,
-    load_model,
-    seed_everything,
-    write_results,
-)
+from franca.core.errors import ConfigError
+from franca.core.progress import ProgressBar
+from franca.core.runtime import seed_everything
+from franca.eval.common import add_common_arguments, format_table, load_model, write_results
 from franca.eval.knn import add_dataset_arguments, classification_datasets
 from franca.eval.linear import holdout_split
-from franca.progress import ProgressBar
 
 OFFICIAL_C_COUNT = 45
 C_POWER_RANGE: tuple[float, float] = (-6.0, 5.0)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.eval.miou import confusion_matrix, miou_from_confusion
 
 MATCHING = ("auto", "greedy", "hungarian")
@@ -205,10 +205,10 @@ def evaluate_overclustering(
     ignore_index: int = 255,
 ) -> dict[str, Any]:
     """Run the overclustering protocol on the val set; one entry ``k<K>`` per K with mIoU (percent) over seeds."""
+    from franca.core.progress import ProgressBar
     from franca.data.images import SkipCounter
     from franca.eval.dense_features import collect_dense_features
     from franca.eval.segmentation_data import make_segmentation_loader
-    from franca.progress import ProgressBar
 
     if not clusters or min(clusters) < 1:
         raise ConfigError(f"--clusters must be positive numbers (got {list(clusters)})")
@@ -304,7 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``franca eval overcluster``: load the model and the val data, cluster, write DIR/overcluster.json."""
-    from franca.eval.common import load_model, seed_everything, write_results
+    from franca.core.runtime import seed_everything
+    from franca.eval.common import load_model, write_results
     from franca.eval.dense_features import seed_list
     from franca.eval.segmentation_data import build_segmentation_datasets
 

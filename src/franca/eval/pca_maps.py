@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from franca.errors import DataError
+from franca.core.errors import DataError
 
 DEFAULT_MARGIN = 4
 MIN_FOREGROUND_PATCHES = 3
@@ -219,8 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``franca eval pca``: load the model, draw the PCA maps of the images, write the PNG and DIR/pca.json."""
+    from franca.core.runtime import seed_everything
     from franca.data.images import list_images
-    from franca.eval.common import DEFAULT_OUTPUT_ROOT, load_model, seed_everything, write_results
+    from franca.eval.common import DEFAULT_OUTPUT_ROOT, load_model, write_results
 
     seed_everything(args.seed)
     model, device = load_model(args)

@@ -26,7 +26,7 @@ Robustness: an unreadable image or mask (missing, empty, corrupt) is skipped: ``
 one warning, and :func:`franca.data.images.collate_skip_none` drops and counts it (use :func:`make_segmentation_loader`
 and a :class:`franca.data.images.SkipCounter`); list entries without a file are dropped at listing time and counted in
 :attr:`SegmentationDataset.num_missing`. A mask whose size differs from its image's, a colour (RGB) mask, or a label
-outside ``[0, num_classes)`` is a :class:`~franca.errors.DataError` naming the files, since it means the data set
+outside ``[0, num_classes)`` is a :class:`~franca.core.errors.DataError` naming the files, since it means the data set
 itself is inconsistent.
 """
 
@@ -45,7 +45,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from franca.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
 LAYOUTS = ("auto", "voc", "plain", "synth")
@@ -409,7 +409,7 @@ class SegmentationDataset(Dataset):
 
     def infer_num_classes(self) -> int:
         """1 + the largest non-ignored label over all masks (after background removal); reads every mask once."""
-        from franca.progress import ProgressBar
+        from franca.core.progress import ProgressBar
 
         largest = -1
         for sample in ProgressBar(self.samples, desc="scanning masks", unit="mask", leave=False):

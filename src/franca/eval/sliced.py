@@ -23,14 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from franca.errors import ConfigError
-from franca.eval.common import (
-    add_common_arguments,
-    format_table,
-    load_model,
-    seed_everything,
-    write_results,
-)
+from franca.core.errors import ConfigError
+from franca.core.runtime import seed_everything
+from franca.eval.common import add_common_arguments, format_table, load_model, write_results
 from franca.eval.knn import (
     DEFAULT_TEMPERATURE,
     add_dataset_arguments,

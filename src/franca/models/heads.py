@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from franca.errors import CheckpointError, ConfigError
+from franca.core.errors import CheckpointError, ConfigError
 from franca.models.state import check_tensors
 
 __all__ = [

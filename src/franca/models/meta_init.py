@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from franca.errors import FrancaError
+from franca.core.errors import FrancaError
 
 __all__ = ["InitRecorder", "MetaInitError"]
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from franca.errors import CheckpointError
+from franca.core.errors import CheckpointError
 
 
 def check_tensors(

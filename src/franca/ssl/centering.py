@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from franca import distributed
-from franca.errors import ConfigError
+from franca.core import distributed
+from franca.core.errors import ConfigError
 from franca.ssl.sinkhorn import sinkhorn_knopp
 
 __all__ = ["CENTERING_MODES", "EmaCenter", "TeacherTargets"]

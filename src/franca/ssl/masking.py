@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 
 __all__ = ["CyclicMask", "MaskBatch", "build_mask_batch"]
 

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from franca import distributed
+from franca.core import distributed
 
 __all__ = ["distributed_logsumexp_over_samples", "sinkhorn_knopp"]
 

@@ -19,26 +19,31 @@ so ``load_backbone``/``load_heads`` read it directly as well.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
-import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from franca import distributed as dist_utils
 from franca.checkpoints import (
     dcp_single_process,
     ignore_dcp_single_process_warning,
     is_sharded_checkpoint,
     read_sharded_checkpoint,
 )
-from franca.errors import CheckpointError, FrancaError
+from franca.core import distributed as dist_utils
+from franca.core.errors import CheckpointError, RunDirectoryBusyError
+from franca.core.io import (
+    atomic_target,
+    atomic_torch_save,
+    explain_disk_full,
+    fsync_directory,
+    remove_path,
+    temporary_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +54,6 @@ HEADS_EXPORT = "teacher_heads.pth"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.(pt|dcp)$")
 # what a file must hold to be resumed from (the rest is optional: scaler, random states, counters)
 TRAINING_STATE_KEYS = ("iteration", "student", "teacher", "optimizer")
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-class DiskFullError(FrancaError):
-    """A checkpoint or export could not be written because its disk (or quota) is full."""
-
-
-class RunDirectoryBusyError(FrancaError):
-    """Another process is writing the same run directory."""
 
 
 _LOCKED_RUNS: set[Path] = set()  # the run directories this process holds
@@ -120,36 +116,6 @@ class RunLock:
             _LOCKED_RUNS.discard(self._key)
 
 
-def _errors_in(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and every exception chained to it (causes, contexts, and the per-rank failures that
-    ``torch.distributed.checkpoint`` collects in a ``CheckpointException``)."""
-    seen: set[int] = set()
-    pending: list[Any] = [error]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, tuple):  # DCP stores (exception, traceback) pairs
-            pending.extend(item)
-            continue
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        pending.extend([item.__cause__, item.__context__, *getattr(item, "failures", {}).values()])
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """Whether ``error`` (or an exception chained to it) says the disk or the quota is full."""
-    return any(
-        (isinstance(item, OSError) and item.errno in _DISK_FULL_ERRNOS)
-        or "No space left on device" in str(item)
-        for item in _errors_in(error)
-    )
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
-
-
 def state_bytes(state: Any) -> int:
     """The bytes of the tensors in a nested state (this process's shards for sharded tensors)."""
     if isinstance(state, torch.Tensor):
@@ -160,38 +126,6 @@ def state_bytes(state: Any) -> int:
     if isinstance(state, (list, tuple)):
         return sum(state_bytes(value) for value in state)
     return 0
-
-
-@contextlib.contextmanager
-def explain_disk_full(target: Path, needed: int, *temporaries: Path) -> Iterator[None]:
-    """Remove ``temporaries`` when the write inside fails; a full disk becomes one :class:`DiskFullError` line
-    naming the folder and the bytes needed (the files already in place stay as they were)."""
-    try:
-        yield
-    except BaseException as error:
-        for path in temporaries:
-            _remove(path)
-        if not is_disk_full(error):
-            raise
-        folder = target.parent
-        free = shutil.disk_usage(folder).free if folder.exists() else 0
-        raise DiskFullError(
-            f"{folder}: no space left to write {target.name} (about {_gib(needed)} needed, {_gib(free)} free); "
-            "free some space (or lower train.keep_last, or move train.output_dir to a larger disk) and run the same "
-            "command again: it resumes from the newest complete checkpoint"
-        ) from None
-
-
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with explain_disk_full(path, state_bytes(obj), tmp), open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def official_teacher_state(teacher_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,25 +177,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def rotate_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the ``keep_last`` newest complete checkpoints (``keep_last <= 0`` keeps all)."""
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            _remove(old)
+            remove_path(old)
 
 
 def save_checkpoint(
     run_dir: str | os.PathLike, iteration: int, state: dict[str, Any], keep_last: int = 3
 ) -> Path:
     """Write ``checkpoints/checkpoint_<iteration>.pt`` atomically, then delete all but the ``keep_last`` newest."""
-    path = atomic_torch_save(state, Path(run_dir) / CHECKPOINT_DIR / f"checkpoint_{iteration:08d}.pt")
+    path = Path(run_dir) / CHECKPOINT_DIR / f"checkpoint_{iteration:08d}.pt"
+    atomic_torch_save(state, path, state_bytes(state))
     rotate_checkpoints(run_dir, keep_last)
     return path
 
@@ -297,9 +225,9 @@ class ShardedCheckpointWriter:
 
         self.wait()
         final = self.run_dir / CHECKPOINT_DIR / f"checkpoint_{iteration:08d}.dcp"
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = temporary_path(final)
         if dist_utils.is_main_process():
-            _remove(tmp)
+            remove_path(tmp)
             tmp.mkdir(parents=True)
         dist_utils.barrier()
         needed = state_bytes(state)
@@ -340,23 +268,11 @@ class ShardedCheckpointWriter:
     def _publish(self, tmp: Path, final: Path) -> None:
         dist_utils.barrier()
         if dist_utils.is_main_process():
-            _remove(final)  # an older copy of the same iteration (a run restarted further back)
+            remove_path(final)  # an older copy of the same iteration (a run restarted further back)
             os.replace(tmp, final)
-            _fsync_directory(final.parent)
+            fsync_directory(final.parent)
             rotate_checkpoints(self.run_dir, self.keep_last)
         dist_utils.barrier()
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def consolidate_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -367,7 +283,8 @@ def consolidate_checkpoint(source: str | os.PathLike, out: str | os.PathLike) ->
     """
     if not is_sharded_checkpoint(source):
         raise CheckpointError(f"{source}: not a sharded checkpoint folder (it has no .metadata file)")
-    return atomic_torch_save(read_sharded_checkpoint(source), Path(out))
+    state = read_sharded_checkpoint(source)
+    return atomic_torch_save(state, out, state_bytes(state))
 
 
 def shard_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -382,12 +299,9 @@ def shard_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new folder name")
-    tmp = out.with_name(f".{out.name}.tmp")
-    _remove(tmp)
-    tmp.mkdir(parents=True)
-    with dcp_single_process():
+    with atomic_target(out, state_bytes(state)) as tmp, dcp_single_process():
+        tmp.mkdir(parents=True)
         dcp.save(state, checkpoint_id=tmp)
-    os.replace(tmp, out)
     return out
 
 
@@ -401,7 +315,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
             stale += sorted(path for path in folder.glob("*.tmp") if path.name != LOCK_FILE)
             stale += sorted(folder.glob(".*.tmp"))
     for path in stale:
-        _remove(path)
+        remove_path(path)
     return stale
 
 
@@ -479,9 +393,9 @@ def export_teacher(
         {k[len("backbone.") :]: v for k, v in official_state.items() if k.startswith("backbone.")},
         assign=True,
     )
-    target = run_dir / BACKBONE_EXPORT
-    with explain_disk_full(target, state_bytes(official_state), target.with_name(target.name + ".tmp")):
-        backbone_path = save_backbone(backbone, target, metadata={"iteration": str(iteration)})
+    backbone_path = save_backbone(backbone, run_dir / BACKBONE_EXPORT, metadata={"iteration": str(iteration)})
     heads = {k: v for k, v in official_state.items() if k.startswith(("dino_head.", "ibot_head."))}
-    heads_path = atomic_torch_save({"teacher": heads, "iteration": iteration}, run_dir / HEADS_EXPORT)
+    heads_path = atomic_torch_save(
+        {"teacher": heads, "iteration": iteration}, run_dir / HEADS_EXPORT, state_bytes(heads)
+    )
     return backbone_path, heads_path

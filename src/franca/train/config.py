@@ -8,7 +8,7 @@ Presets live as YAML files in the package (``franca/configs/*.yaml``) and are lo
 
 A YAML file given by path works the same way; it may start with ``base: <preset or path>`` to inherit from another
 file and change only a few keys. Unknown keys, values of the wrong type and invalid choices raise
-:class:`franca.errors.ConfigError` with one line that names the key and the closest valid key or value.
+:class:`franca.core.errors.ConfigError` with one line that names the key and the closest valid key or value.
 
 Every schedule length is in iterations. ``train.epoch_length`` (DINOv2's ``OFFICIAL_EPOCH_LENGTH`` = 1250) only
 groups iterations into "epochs" for logging and for converting the official configs' epoch counts.
@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 
 PRESET_PACKAGE = "franca"
 PRESET_FOLDER = "configs"

@@ -174,8 +174,8 @@ def build_train_loader(
     world_size: int = 1,
 ) -> tuple[DataLoader, int]:
     """The infinite training DataLoader starting at ``start_iteration``; returns it and the data set size (or -1)."""
+    from franca.core.errors import ConfigError
     from franca.data.datasets import build_unlabeled_dataset
-    from franca.errors import ConfigError
 
     if not config.data.path:
         raise ConfigError(

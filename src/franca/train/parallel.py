@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from franca import distributed as dist_utils
-from franca.errors import ConfigError
+from franca.core import distributed as dist_utils
+from franca.core.errors import ConfigError
 from franca.models.meta_init import InitRecorder
 
 STRATEGIES = ("ddp", "fsdp")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from franca.errors import ConfigError
+from franca.core.errors import ConfigError
 from franca.train.config import TrainConfig, resolve_batch_sizes
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from franca.errors import CheckpointError, ConfigError
+from franca.core.errors import CheckpointError, ConfigError
 from franca.models.heads import DINOHead, MatryoshkaHead, load_heads
 from franca.models.vision_transformer import DinoVisionTransformer, build_model
 from franca.ssl import DinoLoss, IBotPatchLoss, TeacherTargets, koleo_loss

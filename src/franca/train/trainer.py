@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from franca import distributed as dist_utils
 from franca.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
-from franca.errors import CheckpointError, ConfigError, FrancaError
+from franca.core import distributed as dist_utils
+from franca.core.errors import CheckpointError, ConfigError, FrancaError
+from franca.core.io import atomic_write_text
+from franca.core.progress import ProgressBar
 from franca.models.meta_init import InitRecorder
-from franca.progress import ProgressBar
 from franca.train.checkpointing import (
     RunLock,
     ShardedCheckpointWriter,
@@ -469,9 +470,7 @@ class Trainer:
                 kept.append(line)
         if torn:
             logger.warning("%s: dropped %d torn or unreadable line(s)", path, torn)
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _save(self) -> Path | None:
         """Write the checkpoint of this iteration and the teacher exports (every rank takes part; a failure on any

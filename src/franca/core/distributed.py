@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from franca.errors import FrancaError
+from franca.core.errors import FrancaError
 
 T = TypeVar("T")
 
@@ -78,7 +78,7 @@ def run_on_main(function: Callable[[], T]) -> T | None:
     """Run ``function`` on rank 0 only and return its result there (None elsewhere); when it raises, every rank
     raises, so that no rank waits in a later collective for a rank that has stopped.
 
-    Rank 0 re-raises the original exception; the others raise the same :class:`~franca.errors.FrancaError` (its
+    Rank 0 re-raises the original exception; the others raise the same :class:`~franca.core.errors.FrancaError` (its
     one-line message), or a RuntimeError naming any other failure.
     """
     result: T | None = None

@@ -20,3 +20,11 @@ class ConfigError(FrancaError):
 
 class DataError(FrancaError):
     """A data set is missing, empty or inconsistent."""
+
+
+class DiskFullError(FrancaError):
+    """A file could not be written because its disk (or quota) is full."""
+
+
+class RunDirectoryBusyError(FrancaError):
+    """Another process is writing the same run directory."""
