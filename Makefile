@@ -24,6 +24,7 @@ test: venv
 lint: venv
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(PY) -m ruff check --fix src tests benchmarks

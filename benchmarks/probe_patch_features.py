@@ -29,7 +29,7 @@ from common import machine_info, print_table, write_json
 from torch import Tensor, nn
 
 from franca import demo
-from franca.checkpoints import load_backbone
+from franca.models.checkpoints import load_backbone
 from franca.train.config import load_config
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from franca.checkpoints import load_backbone, read_state_dict, resample_pos_embed, save_backbone
 from franca.core.errors import CheckpointError
 from franca.models import build_model
+from franca.models.checkpoints import load_backbone, read_state_dict, resample_pos_embed, save_backbone
 
 
 class _NotATensor:
@@ -442,7 +442,7 @@ class _Records(logging.Handler):
 @pytest.fixture()
 def checkpoint_log() -> Iterator[_Records]:
     handler = _Records()
-    logger = logging.getLogger("franca.checkpoints")
+    logger = logging.getLogger("franca.models.checkpoints")
     logger.addHandler(handler)
     try:
         yield handler
@@ -551,7 +551,7 @@ def test_cli_warns_about_non_finite_weights_in_one_line(tmp_path: Path, one_imag
 
 
 def test_error_reason_drops_torch_advice() -> None:
-    from franca.checkpoints import error_reason
+    from franca.models.checkpoints import error_reason
 
     text = (
         "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "

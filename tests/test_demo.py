@@ -207,7 +207,7 @@ def _reference_hummingbird_miou(
 
 
 def test_metrics_match_reference_computations(demo: dict) -> None:
-    from franca.checkpoints import load_backbone
+    from franca.models.checkpoints import load_backbone
 
     out, metrics = demo["out"], demo["metrics"]
     if metrics["settings"]["device"].startswith("cuda"):
@@ -301,7 +301,7 @@ def test_random_init_is_the_trainers_initial_teacher(demo: dict) -> None:
     assert expected.keys() == built.keys()
     assert all(torch.equal(expected[key], built[key]) for key in expected)
     trained = demo["out"] / "train" / "teacher_backbone.safetensors"
-    from franca.checkpoints import load_backbone
+    from franca.models.checkpoints import load_backbone
 
     assert not torch.equal(
         load_backbone(trained).state_dict()["blocks.0.attn.qkv.weight"], built["blocks.0.attn.qkv.weight"]

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from franca.checkpoints import save_backbone
 from franca.cli import main
 from franca.core.errors import DataError
 from franca.models import vit_tiny
+from franca.models.checkpoints import save_backbone
 
 
 @pytest.fixture()
@@ -96,8 +96,8 @@ def test_embed_folder_writes_features_and_paths(
 
 
 def test_embed_rows_match_a_direct_forward(tmp_path: Path, checkpoint: Path, image_folder: Path) -> None:
-    from franca.checkpoints import load_backbone
     from franca.data.images import load_image
+    from franca.models.checkpoints import load_backbone
 
     out = tmp_path / "cls.npy"
     assert (

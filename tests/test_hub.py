@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from franca.checkpoints import save_backbone
 from franca.core.errors import ConfigError
 from franca.hub import franca_vitb14, release_file_name
 from franca.models import build_model
+from franca.models.checkpoints import save_backbone
 
 
 def test_official_file_names() -> None:

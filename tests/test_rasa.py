@@ -15,17 +15,16 @@ from sklearn.linear_model import LinearRegression
 
 import franca
 from franca.core.errors import CheckpointError
-from franca.rasa import (
+from franca.models.rasa import (
     apply_rasa_iterative,
     fold_rasa,
     position_targets,
     rasa_matrix_from,
-    rasa_transform,
     read_rasa_head,
     removal_projector,
     save_rasa_head,
-    train_rasa,
 )
+from franca.rasa import rasa_transform, train_rasa
 
 
 @pytest.fixture(autouse=True, scope="module")

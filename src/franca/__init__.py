@@ -15,9 +15,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_backbone": "franca.checkpoints",
-    "save_backbone": "franca.checkpoints",
-    "read_state_dict": "franca.checkpoints",
+    "load_backbone": "franca.models.checkpoints",
+    "save_backbone": "franca.models.checkpoints",
+    "read_state_dict": "franca.models.checkpoints",
     "load_heads": "franca.models.heads",
     "build_model": "franca.models.vision_transformer",
     "DinoVisionTransformer": "franca.models.vision_transformer",

@@ -1488,7 +1488,7 @@ def run_ablation(
     log: PhaseLog,
 ) -> dict[str, Any]:
     """Train the other head modes with the main run's budget and evaluate them (k-NN, sliced k-NN, HummingBird)."""
-    from franca.checkpoints import load_backbone
+    from franca.models.checkpoints import load_backbone
     from franca.train.config import load_config
 
     k = settings.eval.knn_k
@@ -1526,8 +1526,8 @@ def run_ablation(
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo (data, training, evaluation, report); returns the metrics written to metrics.json."""
-    from franca.checkpoints import load_backbone
     from franca.eval.common import format_table
+    from franca.models.checkpoints import load_backbone
     from franca.report import write_metrics_json
     from franca.train.config import config_to_dict, load_config
 

@@ -22,7 +22,7 @@ Conventions (the usual ones for MFU, e.g. PaLM's appendix B):
   (DropPath) computes every sample and changes nothing.
 
 ``mfu = step FLOPs / step seconds / peak FLOP/s``, with the peak *measured* by :func:`measure_peak_flops` (the bf16
-matrix-product rate on a GPU, the fp32 one on a CPU, see ``docs/environment.md``).
+matrix-product rate on a GPU, the fp32 one on a CPU, see ``docs/machines.md`` §3).
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def measure_peak_flops(
 
     Defaults: bf16 and size 8192 (10 products per repeat: a 4096 product stays below the chip's dense rate, which
     would flatter the MFU) on CUDA, fp32 and size 1536 (2 per repeat) on CPU; that is the MFU denominator
-    (docs/environment.md: the bf16 rate on a GPU, the fp32 rate on a CPU). Each product counts ``2 * size**3`` FLOPs.
+    (docs/machines.md §3: the bf16 rate on a GPU, the fp32 rate on a CPU). Each product counts ``2 * size**3`` FLOPs.
     A warm-up product runs first. The CPU rate uses torch's current thread count.
     """
     device = torch.device(device)

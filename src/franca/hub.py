@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from franca.checkpoints import load_backbone
 from franca.core.errors import CheckpointError, ConfigError
+from franca.models.checkpoints import load_backbone
 from franca.models.vision_transformer import DinoVisionTransformer
 
 RELEASE_URL = "https://github.com/valeoai/Franca/releases/download/v1.0.0"

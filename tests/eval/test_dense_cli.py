@@ -20,8 +20,8 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A vit_tiny(patch 8, 32 px) export and a plain-layout tree with train/ and val/ sub-folders."""
     import torch
 
-    from franca.checkpoints import save_backbone
     from franca.models import vit_tiny
+    from franca.models.checkpoints import save_backbone
 
     base = tmp_path_factory.mktemp("dense_cli")
     torch.manual_seed(0)

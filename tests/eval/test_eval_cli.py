@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from franca.checkpoints import save_backbone
 from franca.cli import main
 from franca.models import vit_tiny
+from franca.models.checkpoints import save_backbone
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 30)}
 

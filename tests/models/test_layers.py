@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from franca.checkpoints import infer_config
 from franca.flops import vit_flops_breakdown
 from franca.models import build_model
+from franca.models.checkpoints import infer_config
 from franca.models.layers import Block, drop_add_residual_batch_subset
 from franca.models.vision_transformer import ViTConfig
 

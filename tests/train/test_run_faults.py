@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from test_trainer import TINY, poison_loss
 
 import franca.train.trainer as trainer_module
-from franca.checkpoints import load_backbone
 from franca.cli import main
 from franca.core.errors import CheckpointError
+from franca.models.checkpoints import load_backbone
 from franca.train.checkpointing import load_checkpoint
 from franca.train.config import load_config
 from franca.train.trainer import Trainer, TrainingError, train

@@ -13,9 +13,9 @@ import torch
 # are conftest.py's image_dir
 from test_trainer import TINY
 
-from franca.checkpoints import is_sharded_checkpoint, load_backbone
 from franca.cli import main as cli_main
 from franca.core.errors import CheckpointError
+from franca.models.checkpoints import is_sharded_checkpoint, load_backbone
 from franca.train.checkpointing import (
     consolidate_checkpoint,
     latest_checkpoint,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.checkpoints import load_backbone
+from franca.models.checkpoints import load_backbone
 from franca.models.heads import load_heads
 from franca.train.config import load_config
 from franca.train.trainer import Trainer, TrainingError, train

@@ -47,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from franca.checkpoints import load_backbone
     from franca.core.runtime import resolve_device
     from franca.data.images import list_images
     from franca.embed import embed_images, save_embeddings
+    from franca.models.checkpoints import load_backbone
 
     start = time.perf_counter()
     tokens = [kind.strip() for kind in args.tokens.split(",") if kind.strip()]

@@ -114,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from franca.checkpoints import load_backbone, save_backbone
     from franca.core.errors import ConfigError
     from franca.core.runtime import resolve_device
     from franca.data.images import ImageFileDataset, collate_skip_none, list_images
-    from franca.rasa import rasa_eval_transform, rasa_transform, save_rasa_head, train_rasa
+    from franca.models.checkpoints import load_backbone, save_backbone
+    from franca.models.rasa import save_rasa_head
+    from franca.rasa import rasa_eval_transform, rasa_transform, train_rasa
 
     start = time.perf_counter()
     if not 0 <= args.holdout < 1:

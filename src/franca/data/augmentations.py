@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError
 
 __all__ = [
@@ -25,9 +26,6 @@ __all__ = [
     "check_probability",
     "eval_transform",
 ]
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Gaussian-blur probabilities (global crop 1, global crop 2, local crops) per ``blur`` mode. "effective" is what the
 #: released Franca / DINOv2 weights were trained with: DINOv2's GaussianBlur wrapper passes 1 - p to RandomApply

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError
 from franca.data.augmentations import (
     BLUR_KERNEL_SIZE,
@@ -34,8 +35,6 @@ from franca.data.augmentations import (
     COLOR_JITTER,
     COLOR_JITTER_PROBABILITY,
     GRAYSCALE_PROBABILITY,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SOLARIZE_THRESHOLD,
     check_blur_sigma,
     check_color_jitter,

@@ -160,7 +160,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]
     Also checks that ``args.size`` (when present) is a multiple of the patch size, so the error comes before any
     data is read.
     """
-    from franca.checkpoints import load_backbone
+    from franca.models.checkpoints import load_backbone
 
     rasa: Any = getattr(args, "rasa", None)
     if isinstance(rasa, str) and rasa == "checkpoint" and not Path(rasa).exists():

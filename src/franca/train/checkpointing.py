@@ -28,12 +28,6 @@ from typing import Any
 
 import torch
 
-from franca.checkpoints import (
-    dcp_single_process,
-    ignore_dcp_single_process_warning,
-    is_sharded_checkpoint,
-    read_sharded_checkpoint,
-)
 from franca.core import distributed as dist_utils
 from franca.core.errors import CheckpointError, RunDirectoryBusyError
 from franca.core.io import (
@@ -43,6 +37,12 @@ from franca.core.io import (
     fsync_directory,
     remove_path,
     temporary_path,
+)
+from franca.models.checkpoints import (
+    dcp_single_process,
+    ignore_dcp_single_process_warning,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def export_teacher(
     run_dir: str | os.PathLike, official_state: dict[str, torch.Tensor], backbone_config: Any, iteration: int
 ) -> tuple[Path, Path]:
     """Write the teacher backbone (safetensors) and heads (official layout) from an official-layout teacher state."""
-    from franca.checkpoints import save_backbone
+    from franca.models.checkpoints import save_backbone
     from franca.models.vision_transformer import DinoVisionTransformer
 
     run_dir = Path(run_dir)

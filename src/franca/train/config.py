@@ -1,7 +1,7 @@
 """The run configuration of Franca pre-training: nested dataclasses, YAML presets and dotlist overrides.
 
 A run is described by one :class:`TrainConfig`. The dataclass defaults are the project defaults for ViT-B/14 on
-ImageNet-21K (the paper's values where paper and official configs disagree; see ``docs/franca-method.md`` §4).
+ImageNet-21K (the paper's values where paper and official configs disagree; see ``docs/method.md`` §4 and §8).
 Presets live as YAML files in the package (``franca/configs/*.yaml``) and are loaded by name::
 
     cfg = load_config("tiny_cpu", ["optim.base_lr=5e-4", "train.iterations=100"])

@@ -25,7 +25,7 @@ def build_backbone(config: TrainConfig) -> DinoVisionTransformer:
     model_cfg = config.model
     backbone = build_model(model_cfg.arch, **model_cfg.vit_overrides())
     if model_cfg.pretrained_backbone:
-        from franca.checkpoints import load_backbone
+        from franca.models.checkpoints import load_backbone
 
         pretrained = load_backbone(model_cfg.pretrained_backbone, img_size=model_cfg.img_size)
         if pretrained.config.embed_dim != backbone.embed_dim or pretrained.n_blocks != backbone.n_blocks:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from franca.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
 from franca.core import distributed as dist_utils
 from franca.core.errors import CheckpointError, ConfigError, FrancaError
 from franca.core.io import atomic_write_text
 from franca.core.progress import ProgressBar
+from franca.models.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
 from franca.models.meta_init import InitRecorder
 from franca.train.checkpointing import (
     RunLock,

@@ -569,7 +569,7 @@ def load_backbone(
         if not rasa:
             raise CheckpointError(f"{where}: rasa=True but the checkpoint has no rasa_head.* tensors")
     if rasa is not None and rasa is not False:
-        from franca.rasa import rasa_matrix_from
+        from franca.models.rasa import rasa_matrix_from
 
         rasa_matrix = rasa_matrix_from(rasa, embed_dim=config.embed_dim)
     if rasa_matrix is not None:
