@@ -41,6 +41,7 @@ from common import (
     write_json,
 )
 
+from franca.data.batch import TrainBatch
 from franca.flops import franca_step_flops, measure_peak_flops, mfu, num_tokens, vit_config_from_train
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import TrainConfig, load_config
@@ -48,7 +49,7 @@ from franca.train.ema import ema_update_, pair_parameters
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
 from franca.train.parallel import parallelize
 from franca.train.schedules import Schedules
-from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
+from franca.train.ssl_model import FrancaLoss, build_student_teacher
 
 # preset -> (config preset, overrides); data.path is required by the presets but never read here
 PRESETS: dict[str, tuple[str, list[str]]] = {

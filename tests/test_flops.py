@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from franca.data.batch import TrainBatch
 from franca.flops import (
     HeadSpec,
     expected_masked_patches,
@@ -24,7 +25,7 @@ from franca.models.heads import DINOHead, MatryoshkaHead
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import MaskingConfig, load_config
-from franca.train.ssl_model import TrainBatch, build_head, build_student_teacher
+from franca.train.ssl_model import build_head, build_student_teacher
 
 
 def _counted(fn) -> tuple[int, dict[str, int]]:

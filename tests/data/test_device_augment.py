@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from franca.core.errors import ConfigError
 from franca.data import device_augment as DA
 from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-from franca.train.ssl_model import TrainBatch
+from franca.data.batch import TrainBatch
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from franca.data.batch import TrainBatch
 from franca.train.config import load_config
 from franca.train.parallel import full_model_state
-from franca.train.ssl_model import TrainBatch
 from franca.train.trainer import Trainer
 
 WORLD_SIZE = 2

@@ -42,7 +42,7 @@ from franca.data.augmentations import (
 )
 
 if TYPE_CHECKING:
-    from franca.train.ssl_model import TrainBatch
+    from franca.data.batch import TrainBatch
 
 __all__ = [
     "DeviceMultiCropAugmentation",

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from franca.data.batch import TrainBatch
 from franca.data.datasets import InfiniteSampler
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import TrainConfig
-from franca.train.ssl_model import TrainBatch
 
 
 def derived_seed(*parts: int | str) -> int:

@@ -25,6 +25,7 @@ from franca.core import distributed as dist_utils
 from franca.core.errors import CheckpointError, ConfigError, FrancaError
 from franca.core.io import atomic_write_text
 from franca.core.progress import ProgressBar
+from franca.data.batch import TrainBatch
 from franca.models.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
 from franca.models.meta_init import InitRecorder
 from franca.train.checkpointing import (
@@ -61,7 +62,7 @@ from franca.train.parallel import (
     sharded_optimizer_state,
 )
 from franca.train.schedules import Schedules
-from franca.train.ssl_model import FrancaLoss, TrainBatch, build_student_teacher
+from franca.train.ssl_model import FrancaLoss, build_student_teacher
 
 logger = logging.getLogger(__name__)
 
