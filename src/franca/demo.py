@@ -583,7 +583,7 @@ def uniform_dino_losses(config: Any) -> list[float]:
     if heads.mode == "dinov2":
         return [math.log(heads.n_prototypes)]
     embed_dim = config.model.embed_dim or ARCHITECTURES[config.model.arch]["embed_dim"]
-    widths = [int(round(fraction * embed_dim)) for fraction in heads.resolved_levels()]  # as build_head does
+    widths = heads.level_widths(embed_dim)
     return [math.log(k) for k in matryoshka_prototype_counts(widths, heads.n_prototypes)]
 
 
@@ -1126,9 +1126,7 @@ def _figures(
 
     figures_dir = out / "figures"
     k = evaluation.knn_k
-    levels = [
-        int(round(f * trained["sliced_knn"]["feature_dim"])) for f in outcome.config.heads.resolved_levels()
-    ]
+    levels = outcome.config.heads.level_widths(trained["sliced_knn"]["feature_dim"])
     figures = {
         "loss": plot_loss_curves(
             outcome.run_dir / "metrics.jsonl",
@@ -1674,9 +1672,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         },
         "training": {
             **outcome.summary(),
-            "levels": [
-                int(round(f * trained["sliced_knn"]["feature_dim"])) for f in config.heads.resolved_levels()
-            ],
+            "levels": config.heads.level_widths(trained["sliced_knn"]["feature_dim"]),
             "config": config_to_dict(config),
         },
         "trained": trained,

@@ -223,7 +223,7 @@ class HeadSpec:
             levels = [embed_dim]
             counts = [int(cfg.n_prototypes)]
         else:
-            levels = [int(round(fraction * embed_dim)) for fraction in cfg.resolved_levels()]
+            levels = cfg.level_widths(embed_dim)
             counts = matryoshka_prototype_counts(levels, cfg.n_prototypes)
         return cls(
             int(embed_dim),

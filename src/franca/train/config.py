@@ -133,6 +133,10 @@ class HeadsConfig:
             return [1.0]
         return list(DEFAULT_LEVELS if self.levels is None else self.levels)
 
+    def level_widths(self, embed_dim: int) -> list[int]:
+        """The nested widths m_j of an ``embed_dim``-wide embedding, smallest first (d/16 ... d by default)."""
+        return [int(round(fraction * embed_dim)) for fraction in self.resolved_levels()]
+
 
 @dataclass
 class CropsConfig:

@@ -128,15 +128,6 @@ class Schedules:
     def from_config(cls, config: TrainConfig, world_size: int = 1) -> Schedules:
         """Build the schedules of ``config`` for ``world_size`` processes (the global batch sets the peak lr)."""
         optim, total = config.optim, config.train.iterations
-        if optim.warmup_iterations > total:
-            raise ConfigError(
-                f"config key 'optim.warmup_iterations' ({optim.warmup_iterations}) exceeds train.iterations ({total})"
-            )
-        if optim.freeze_last_layer_iterations > total:
-            raise ConfigError(
-                f"config key 'optim.freeze_last_layer_iterations' ({optim.freeze_last_layer_iterations}) "
-                f"exceeds train.iterations ({total})"
-            )
         _, global_batch = resolve_batch_sizes(config.train, world_size)
         peak_lr = scaled_lr(optim.base_lr, optim.lr_scaling_rule, global_batch)
         final_lr = peak_lr if optim.lr_schedule == "constant" else optim.min_lr

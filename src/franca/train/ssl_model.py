@@ -56,7 +56,7 @@ def build_head(config: TrainConfig, embed_dim: int) -> nn.Module:
             heads.nlayers,
             init=heads.init,
         )
-    levels = [int(round(fraction * embed_dim)) for fraction in heads.resolved_levels()]
+    levels = heads.level_widths(embed_dim)
     return MatryoshkaHead(
         embed_dim,
         levels=levels,
