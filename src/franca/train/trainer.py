@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from franca.core.progress import ProgressBar
 from franca.data.batch import TrainBatch
 from franca.models.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
 from franca.models.meta_init import InitRecorder
+from franca.train.callbacks import Callback
 from franca.train.checkpointing import (
     RunLock,
     ShardedCheckpointWriter,
@@ -82,6 +84,24 @@ class TrainResult:
     heads_path: Path | None = None
     checkpoint_path: Path | None = None
     skipped_images: int = 0  # unreadable images skipped by this fit (all ranks)
+    stopped: str | None = (
+        None  # why a callback ended the fit early (a checkpoint of ``iteration`` was written)
+    )
+
+
+@dataclass
+class _Window:
+    """Counts of the fit so far and of the images since the last logged record."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    usable_total: int = 0
+    skipped_total: int = 0
+
+    def add(self, usable: int, skipped: int) -> None:
+        self.images += usable
+        self.usable_total += usable
+        self.skipped_total += skipped
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -170,9 +190,15 @@ class Trainer:
     """Franca pre-training of ``config`` into ``output_dir`` (resumed automatically from its latest checkpoint)."""
 
     def __init__(
-        self, config: TrainConfig, output_dir: str | os.PathLike | None = None, progress: bool = True
+        self,
+        config: TrainConfig,
+        output_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config
+        self.callbacks = list(callbacks)
+        self._stop_reason: str | None = None
         self.output_dir = Path(output_dir or config.train.output_dir)
         self.progress = progress
         self.device = init_distributed(config.distributed.backend)
@@ -235,6 +261,9 @@ class Trainer:
         self._data_iterator: tuple[int, Any] | None = None
         self.consecutive_nonfinite = 0
         self._save_pending = False  # a checkpoint that was due while the loss was not finite
+        self.last_checkpoint: Path | None = (
+            None  # the newest checkpoint this Trainer wrote (rank 0 knows its path)
+        )
         # seed the per-rank model randomness (stochastic depth) differently on each rank
         torch.manual_seed(config.train.seed + 1 + self.rank)
 
@@ -584,16 +613,16 @@ class Trainer:
             "unreadable and skipped (see the warnings above); fix or replace the files, or point data.path elsewhere"
         )
 
-    def _save_if_due(self, due: bool) -> Path | None:
+    def _save_if_due(self, due: bool) -> bool:
         """Save when due (or postponed), unless the latest step was non-finite: a checkpoint, its export and the
-        ``keep_last`` rotation then wait for a finite step, so that the newest checkpoint is always a good one."""
+        ``keep_last`` rotation then wait for a finite step, so that the newest checkpoint is always a good one.
+        Returns whether a checkpoint was written (its path, on the ranks that know it: ``self.last_checkpoint``)."""
         self._save_pending = self._save_pending or due
-        if not self._save_pending:
-            return None
-        if self.consecutive_nonfinite:
-            return None
+        if not self._save_pending or self.consecutive_nonfinite:
+            return False
         self._save_pending = False
-        return self._save()
+        self.last_checkpoint = self._save()
+        return True
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until ``train.iterations`` (or until ``stop_at``, for tests and staged runs)."""
@@ -617,6 +646,33 @@ class Trainer:
         self._data_iterator = None
         return data_iter
 
+    def request_stop(self, reason: str) -> None:
+        """End the current fit after this step, with a checkpoint of it (for callbacks such as a time budget)."""
+        self._stop_reason = self._stop_reason or reason
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank's callbacks asked to stop (the ranks must stop at the same step)."""
+        flag = self._stop_reason is not None
+        if self.world_size > 1 and self.callbacks:
+            flag = bool(dist_utils.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item())
+            self._stop_reason = self._stop_reason or ("stopped by another rank" if flag else None)
+        return flag
+
+    def _record(self, logs: dict[str, Any], window: _Window, data_time: float) -> dict[str, Any]:
+        """The metrics.jsonl record of the step just done (images/s over the window since the last record)."""
+        elapsed = time.perf_counter() - window.start
+        record = {
+            "iteration": self.iteration,
+            **logs,
+            "images_per_s": window.images / max(elapsed, 1e-9),
+            "data_time_s": data_time,
+            "memory_mb": _memory_mb(self.device),
+            "skipped_images": window.skipped_total,
+            "epoch": self.iteration / self.config.train.epoch_length,
+        }
+        window.start, window.images = time.perf_counter(), 0
+        return record
+
     def _train_until(self, end: int) -> TrainResult:
         config = self.config
         data_iter = self._data_stream()
@@ -625,8 +681,10 @@ class Trainer:
         self.teacher.eval()
         last: dict[str, Any] = {}
         checkpoint_path: Path | None = None
-        usable_images = skipped_images = 0
-        self._save_pending = False
+        window = _Window()
+        self._save_pending, self._stop_reason = False, None
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
         bar = ProgressBar(
             total=end,
             initial=self.iteration,
@@ -634,61 +692,64 @@ class Trainer:
             desc="train",
             disable=not (self.progress and self.is_main),
         )
-        window_start, window_images = time.perf_counter(), 0
         try:
             while self.iteration < end:
                 step_start = time.perf_counter()
                 batch = next(data_iter)
                 data_time = time.perf_counter() - step_start
                 usable, skipped, can_step = self._agree_on_batch(batch)
-                usable_images, skipped_images = usable_images + usable, skipped_images + skipped
-                if not usable_images:
-                    raise self._no_usable_image(skipped_images)
+                window.add(usable, skipped)
+                if not window.usable_total:
+                    raise self._no_usable_image(window.skipped_total)
                 logs: dict[str, Any] = self.train_step(batch) if can_step else {"skipped_empty_batch": True}
                 self.iteration += 1
-                window_images += usable
                 bar.update(1)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, logs)
                 if (
                     self.iteration % config.train.log_every == 0
                     or self.iteration in (1, end)
                     or "skipped_nonfinite" in logs
                 ):
-                    elapsed = time.perf_counter() - window_start
-                    last = {
-                        "iteration": self.iteration,
-                        **logs,
-                        "images_per_s": window_images / max(elapsed, 1e-9),
-                        "data_time_s": data_time,
-                        "memory_mb": _memory_mb(self.device),
-                        "skipped_images": skipped_images,
-                        "epoch": self.iteration / config.train.epoch_length,
-                    }
-                    window_start, window_images = time.perf_counter(), 0
+                    last = self._record(logs, window, data_time)
+                    for callback in self.callbacks:
+                        callback.on_log(self, last)
                     if self.is_main:
                         self._publish_record(last, bar, writer)
                 self._stop_on_nonfinite_streak()
-                due = self.iteration % config.train.checkpoint_every == 0 or self.iteration == end
-                checkpoint_path = self._save_if_due(due) or checkpoint_path
+                stop = self._stop_agreed()
+                due = self.iteration % config.train.checkpoint_every == 0 or self.iteration == end or stop
+                if self._save_if_due(due):
+                    checkpoint_path = self.last_checkpoint
+                    for callback in self.callbacks:
+                        callback.on_checkpoint(self, self.last_checkpoint)
+                if stop:
+                    break
             if self.checkpoint_writer is not None:  # publish a checkpoint still written in the background
                 self.checkpoint_writer.wait()
-            if (
-                self.iteration < config.train.iterations
-            ):  # a staged run: the next fit() continues with these workers
-                self._data_iterator = (self.iteration, data_iter)
+            if self.iteration < config.train.iterations and self._stop_reason is None:
+                self._data_iterator = (
+                    self.iteration,
+                    data_iter,
+                )  # a staged run: the next fit() goes on with them
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
-        self._report_end(skipped_images)
-        return TrainResult(
+        self._report_end(window.skipped_total)
+        result = TrainResult(
             output_dir=self.output_dir,
             iteration=self.iteration,
             last_metrics=last,
             backbone_path=self.output_dir / "teacher_backbone.safetensors",
             heads_path=self.output_dir / "teacher_heads.pth",
             checkpoint_path=checkpoint_path,
-            skipped_images=skipped_images,
+            skipped_images=window.skipped_total,
+            stopped=self._stop_reason,
         )
+        for callback in self.callbacks:
+            callback.on_fit_end(self, result)
+        return result
 
     def _report_end(self, skipped_images: int) -> None:
         """Say what a finished fit left out: unreadable images, and a last checkpoint held back by a non-finite loss."""
@@ -713,6 +774,7 @@ def train(
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     stop_at: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Build a :class:`Trainer` and run it (the Python equivalent of ``franca train``)."""
-    return Trainer(config, output_dir, progress=progress).fit(stop_at=stop_at)
+    return Trainer(config, output_dir, progress=progress, callbacks=callbacks).fit(stop_at=stop_at)
