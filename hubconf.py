@@ -1,4 +1,8 @@
-"""torch.hub entry points: ``torch.hub.load("<owner>/franca", "franca_vitb14")`` (see franca.hub for the weights)."""
+"""torch.hub entry points: ``torch.hub.load("<owner>/franca", "franca_vitb14")``.
+
+Each entry point (``weights=`` as in franca.hub) builds a model of the registry, franca.models.registry, where every
+released file's URL, architecture and normalisation is recorded: ``franca.list_models(pretrained=True)`` names them.
+"""
 
 import os
 import sys

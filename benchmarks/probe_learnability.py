@@ -25,11 +25,10 @@ import torchvision.transforms.v2 as T
 from common import machine_info, print_table, write_json
 from torch import nn
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.data.datasets import ImageFolderDataset
 from franca.train.config import load_config
 from franca.train.ssl_model import build_backbone
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def small_cnn(width: int = 192) -> nn.Module:

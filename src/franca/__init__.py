@@ -4,6 +4,8 @@ The public entry points are imported lazily so that ``import franca`` stays chea
 
 - :func:`franca.load_backbone` / :func:`franca.save_backbone`: official Franca and DINOv2 checkpoints and our exports;
 - :func:`franca.load_heads`: the DINO and iBOT Matryoshka heads of an official checkpoint;
+- :func:`franca.create_model` / :func:`franca.list_models` / :func:`franca.model_info`: the model registry, names such
+  as ``franca_vitb14.in21k`` or ``dinov2_vitl14_reg.lvd142m`` with their weights' metadata (franca.models.registry);
 - :func:`franca.build_model` and the presets ``vit_tiny`` ... ``vit_giant2``.
 """
 
@@ -19,6 +21,9 @@ _LAZY = {
     "save_backbone": "franca.models.checkpoints",
     "read_state_dict": "franca.models.checkpoints",
     "load_heads": "franca.models.heads",
+    "create_model": "franca.models.registry",
+    "list_models": "franca.models.registry",
+    "model_info": "franca.models.registry",
     "build_model": "franca.models.vision_transformer",
     "DinoVisionTransformer": "franca.models.vision_transformer",
     "vit_tiny": "franca.models.vision_transformer",

@@ -42,13 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError
 from franca.models.rasa import fold_rasa, position_targets, removal_basis
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
 # The official RASA training transform normalises with std (0.229, 0.224, 0.255), a typo for ImageNet's 0.225
-# (its own validation transform uses 0.225). We use the correct value.
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# (its own validation transform uses 0.225). We use the correct value, IMAGENET_STD.
 # Relative ridge used by the closed-form position regression so that directions whose variance is only float
 # rounding noise (what remains of removed directions) carry no weight; see _LinearFitStats.
 _RIDGE = 1e-10
