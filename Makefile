@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # compiled bytecode caches cut every test process's start-up by ~15 s (torch, torchvision)
 export PYTHONDONTWRITEBYTECODE :=
-EXTRAS ?= dev,faiss,webdataset,tensorboard
+EXTRAS ?= dev,all
 PYTEST_ARGS ?=
 
 .PHONY: venv test lint format demo clean bench

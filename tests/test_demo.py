@@ -24,7 +24,7 @@ from PIL import Image
 
 from franca.cli import build_parser, main
 from franca.core.errors import ConfigError
-from franca.demo import DemoSettings, EvalSettings, dino_plateau, run_demo
+from franca.demo import DemoSettings, EvalSettings, dino_plateau, run_demo, summary_text
 from franca.report import format_value
 from franca.train.config import load_config
 
@@ -76,6 +76,7 @@ def _run(settings: DemoSettings) -> tuple[dict, str]:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         metrics = run_demo(settings)
+        print(summary_text(metrics))  # what the CLI prints at the end
     return metrics, buffer.getvalue()
 
 

@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError
+from franca.train.callbacks import Callback, TimeBudget
 
 PRESET = "tiny_cpu"
 NUM_SHAPE_CLASSES = 10
@@ -59,8 +61,6 @@ MODE_DESCRIPTIONS = {
 # Issue targets on the synthetic val split: trained minus random init, in points.
 TARGET_KNN_POINTS = 15.0
 TARGET_HUMMINGBIRD_POINTS = 10.0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_PALETTE = np.array(
     [
         [0, 0, 0],
@@ -491,12 +491,11 @@ def check_resumable(run_dir: Path, config: Any) -> None:
 def train_with_budget(
     config: Any, run_dir: Path, budget_s: float, log: PhaseLog, progress: bool = True, mode: str = "slice"
 ) -> TrainOutcome:
-    """Train ``config`` into ``run_dir`` in checkpointed chunks that fit in ``budget_s`` seconds.
+    """Train ``config`` into ``run_dir`` within ``budget_s`` seconds (:class:`~franca.train.callbacks.TimeBudget`).
 
-    The chunk length is ``train.checkpoint_every``; from the time the chunks so far took, the next one is shortened
-    to what the rest of the budget allows, and training stops when not one more iteration fits (the first chunk
-    always runs). A run directory with checkpoints of the same settings is resumed (a finished run is not touched).
-    Stopping early keeps the last chunk's checkpoint and exported backbone, so a re-run continues the schedule.
+    The run stops when its next step would end past the budget (the first step always runs), with a checkpoint and
+    exported backbone of the iteration reached, so a re-run continues the schedule; a line is logged at every
+    checkpoint. A run directory with checkpoints of the same settings is resumed (a finished run is not touched).
     """
     from franca.train.checkpointing import list_checkpoints
     from franca.train.trainer import Trainer
@@ -523,51 +522,53 @@ def train_with_budget(
         )
     if start_iteration:
         log(f"train[{mode}]: resuming {run_dir} at iteration {start_iteration}/{total}")
-    trainer = Trainer(config, run_dir, progress=progress)
-    chunk = max(1, config.train.checkpoint_every)
     started = time.perf_counter()
-    iteration, stopped = start_iteration, False
-    while iteration < total:
-        stop_at = min(total, (iteration // chunk + 1) * chunk)
-        elapsed = time.perf_counter() - started
-        if iteration > start_iteration:  # shorten the next chunk to what the rest of the budget allows
-            seconds_per_iteration = elapsed / (iteration - start_iteration)
-            affordable = int((budget_s - elapsed) / seconds_per_iteration)
-            if affordable < 1:
-                stopped = True
-                log(
-                    f"train[{mode}]: time budget of {format_duration(budget_s)} used up at iteration "
-                    f"{iteration}/{total}; evaluating this checkpoint (the schedule is cut short; re-run the "
-                    "same command to continue training)"
-                )
-                break
-            stop_at = min(stop_at, iteration + affordable)
-        result = trainer.fit(stop_at=stop_at)
-        iteration = result.iteration
-        elapsed = time.perf_counter() - started
-        done = iteration - start_iteration
-        rate = result.last_metrics.get("images_per_s")
-        eta = elapsed / max(done, 1) * (total - iteration)
-        loss = result.last_metrics.get("loss")
-        loss_text = f", loss {loss:.3f}" if isinstance(loss, float) and math.isfinite(loss) else ""
-        rate_text = f", {rate:.1f} img/s" if isinstance(rate, float) else ""
+    watchers = [TimeBudget(budget_s), _ChunkLog(log, mode, total)]
+    result = Trainer(config, run_dir, progress=progress, callbacks=watchers).fit()
+    if result.stopped is not None:
         log(
-            f"train[{mode}]: iteration {iteration}/{total}{loss_text}{rate_text}, "
-            f"{format_duration(elapsed)} so far"
-            + (f", ~{format_duration(eta)} left" if iteration < total else "")
+            f"train[{mode}]: time budget of {format_duration(budget_s)} used up at iteration {result.iteration}/"
+            f"{total}; evaluating this checkpoint (the schedule is cut short; re-run the same command to continue "
+            "training)"
         )
     return TrainOutcome(
         mode,
         run_dir,
-        iteration,
+        result.iteration,
         total,
         time.perf_counter() - started,
         start_iteration,
-        iteration >= total,
-        stopped,
+        result.iteration >= total,
+        result.stopped is not None,
         _last_rate(run_dir),
         config,
     )
+
+
+class _ChunkLog(Callback):
+    """One line per checkpoint: iteration, loss, images/s, time so far and left."""
+
+    def __init__(self, log: PhaseLog, mode: str, total: int) -> None:
+        self.log, self.mode, self.total = log, mode, total
+        self.started, self.first, self.last = 0.0, 0, {}
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.started, self.first = time.perf_counter(), trainer.iteration
+
+    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
+        self.last = record
+
+    def on_checkpoint(self, trainer: Any, path: Path | None) -> None:
+        iteration, elapsed = trainer.iteration, time.perf_counter() - self.started
+        eta = elapsed / max(iteration - self.first, 1) * (self.total - iteration)
+        loss, rate = self.last.get("loss"), self.last.get("images_per_s")
+        loss_text = f", loss {loss:.3f}" if isinstance(loss, float) and math.isfinite(loss) else ""
+        rate_text = f", {rate:.1f} img/s" if isinstance(rate, float) else ""
+        left = f", ~{format_duration(eta)} left" if iteration < self.total else ""
+        self.log(
+            f"train[{self.mode}]: iteration {iteration}/{self.total}{loss_text}{rate_text}, "
+            f"{format_duration(elapsed)} so far{left}"
+        )
 
 
 # A final DINO loss within this fraction of its uniform value sum_j ln K_j counts as "still on the plateau".
@@ -1524,7 +1525,6 @@ def run_ablation(
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo (data, training, evaluation, report); returns the metrics written to metrics.json."""
-    from franca.eval.common import format_table
     from franca.models.checkpoints import load_backbone
     from franca.report import write_metrics_json
     from franca.train.config import config_to_dict, load_config
@@ -1699,6 +1699,20 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     metrics["report"] = str(report)
     write_metrics_json(out / "metrics.json", metrics)
 
+    notes = []
+    if not outcome.completed:
+        notes.append(f"{unfinished_text(outcome.summary())}; re-run without --eval-only to continue training")
+    if plateau_text:
+        notes.append(plateau_text)
+    metrics["notes"] = notes
+    return metrics
+
+
+def summary_text(metrics: dict[str, Any]) -> str:
+    """The demo's closing summary for a terminal: the trained-vs-random table, RASA's effect, the ablation table,
+    the notes and where the report went (``metrics`` as :func:`run_demo` returns it)."""
+    from franca.eval.output import format_table
+
     table = [
         {
             "metric": row["metric"],
@@ -1706,14 +1720,16 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "random init": row["random_init"],
             "delta": row["trained"] - row["random_init"],
         }
-        for row in rows
+        for row in metrics["summary"]
     ]
-    print()
-    print(format_table(table, ["metric", "trained", "random init", "delta"], precision=1))
-    print(
+    rasa, trained = metrics["rasa"], metrics["trained"]
+    lines = [
+        "",
+        format_table(table, ["metric", "trained", "random init", "delta"], precision=1),
         f"RASA: position R^2 {rasa['position_r2_before']:.3f} -> {rasa['position_r2_after']:.3f}; "
-        f"HummingBird mIoU {trained['hummingbird']['miou']:.1f} -> {hummingbird_rasa['miou']:.1f} with RASA"
-    )
+        f"HummingBird mIoU {trained['hummingbird']['miou']:.1f} -> {metrics['hummingbird_rasa']['miou']:.1f} with RASA",
+    ]
+    ablation = metrics.get("ablation")
     if ablation is not None:
         ablation_table = [
             {
@@ -1725,14 +1741,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             }
             for mode, entry in ablation["modes"].items()
         ]
-        print()
-        print(format_table(ablation_table, None, precision=1))
-    if not outcome.completed:
-        print(f"note: {unfinished_text(outcome.summary())}; re-run without --eval-only to continue training")
-    if plateau_text:
-        print(f"note: {plateau_text}")
-    print(f"\nreport: {report}\nmetrics: {out / 'metrics.json'}\ntotal time: {format_duration(total)}")
-    return metrics
+        lines += ["", format_table(ablation_table, None, precision=1)]
+    lines += [f"note: {note}" for note in metrics.get("notes", [])]
+    metrics_path = Path(metrics["report"]).parent / "metrics.json"
+    total = metrics["timings"]["total"]
+    lines.append(
+        f"\nreport: {metrics['report']}\nmetrics: {metrics_path}\ntotal time: {format_duration(total)}"
+    )
+    return "\n".join(lines)
 
 
 def apply_quick(settings: DemoSettings, explicit: set[str]) -> DemoSettings:

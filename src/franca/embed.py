@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from franca.core.errors import ConfigError, DataError
-from franca.core.io import atomic_target
+from franca.core.io import atomic_target, ensure_output_dir
 from franca.core.progress import ProgressBar
 from franca.core.runtime import autocast_context
 from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
@@ -158,7 +158,6 @@ def save_embeddings(result: EmbeddingResult, out: str | os.PathLike) -> list[Pat
     not rewrite are removed, since their rows would not match the new paths: ``<stem>.<kind>.npy`` of other kinds,
     ``out`` itself when several ``.npy`` kinds are written, and the ``<stem>.paths.txt`` of older versions.
     """
-    from franca.eval.common import ensure_output_dir
 
     out = Path(out)
     if out.suffix not in OUTPUT_SUFFIXES:

@@ -62,7 +62,7 @@ def _common(setup: dict[str, Path], out: Path) -> list[str]:
     ]
 
 
-def test_hummingbird_cli_writes_results(tiny_setup, tmp_path: Path) -> None:
+def test_hummingbird_cli_writes_results(tiny_setup, tmp_path: Path, capsys) -> None:
     data = str(tiny_setup["data"])
     argv = [
         "eval",
@@ -84,6 +84,13 @@ def test_hummingbird_cli_writes_results(tiny_setup, tmp_path: Path) -> None:
     assert metrics["memory_patches_total"] == 6 * 16 and metrics["k"] == 30 and metrics["temperature"] == 0.02
     assert metrics["train_data"]["layout"] == "plain" and metrics["val_data"]["split"] == "val"
     assert payload["arguments"]["checkpoint"] == str(tiny_setup["checkpoint"])
+    printed = capsys.readouterr().out.splitlines()  # the metric table, then where the results went
+    assert printed[0] == f"hummingbird ({tiny_setup['checkpoint']})" and printed[1].split() == [
+        "metric",
+        "value",
+    ]
+    assert any(line.split()[:1] == ["miou"] for line in printed)
+    assert printed[-1] == f"hummingbird: results written to {tmp_path / 'hummingbird.json'}"
 
 
 def test_linear_seg_and_overcluster_cli(tiny_setup, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from franca.cli import main
+from franca.cli.eval import PROTOCOLS
 from franca.models import vit_tiny
 from franca.models.checkpoints import save_backbone
 
@@ -30,6 +31,10 @@ def workspace(tmp_path_factory):
     (root / "train" / "red" / "broken.png").write_bytes(b"not a png")
     checkpoint = save_backbone(vit_tiny(patch_size=8, img_size=32), root / "tiny.safetensors")
     return root, checkpoint
+
+
+def output_of(workspace, protocol):
+    return workspace[0] / "out" / protocol / f"{protocol}.json"
 
 
 def run_protocol(workspace, protocol, *extra):
@@ -57,7 +62,12 @@ def test_knn_cli(workspace, capsys):
     )  # all 18 train images vote, so each of the 3 classes is in the top 3
     assert metrics["num_train"] == 18 and metrics["num_test"] == 9 and metrics["feature_dim"] == 192
     assert metrics["skipped_train"] == 1 and metrics["skipped_val"] == 0
-    assert "top1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "top1" in captured.out
+    # the library logs the skipped file; the command line shows it on stderr, the tables alone go to stdout
+    note = "franca: train features: skipped 1 unreadable image(s), used 18"
+    assert note in captured.err.splitlines() and "unreadable" not in captured.out
+    assert captured.out.rstrip().splitlines()[-1] == f"knn: results written to {output_of(workspace, 'knn')}"
 
 
 def test_sliced_knn_cli(workspace):
@@ -134,3 +144,27 @@ def test_size_not_multiple_of_patch_is_a_one_line_error(workspace, capsys):
 def test_eval_without_protocol_prints_help(capsys):
     assert main(["eval"]) == 1
     assert "knn" in capsys.readouterr().out
+
+
+def test_building_the_eval_parsers_imports_no_protocol_module():
+    """``franca eval --help`` builds every protocol's parser from torch-free modules; a protocol's library module
+    (and torch) is imported only when it runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys; import franca.cli.eval as e; e.add_arguments(argparse.ArgumentParser()); "
+        "heavy = [m for m in sys.modules if m == 'torch' or m.startswith(('franca.eval.knn', 'franca.eval.common'))]; "
+        "sys.exit(str(heavy) if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_protocol_module_has_its_options_and_run():
+    import importlib
+
+    for name, (module_name, _help) in PROTOCOLS.items():
+        module = importlib.import_module(module_name)
+        assert module_name.startswith("franca.cli.eval_protocols."), name
+        assert callable(module.add_arguments) and callable(module.run), name

@@ -15,6 +15,19 @@ from collections.abc import Sequence
 
 from franca.core.errors import FrancaError
 
+# The extra that installs each optional package a command may need (pyproject.toml).
+EXTRA_OF: dict[str, str] = {
+    "omegaconf": "train",
+    "sklearn": "eval",
+    "scipy": "eval",
+    "matplotlib": "report",
+    "faiss": "faiss",
+    "webdataset": "webdataset",
+    "tensorboard": "tensorboard",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+}
+
 COMMANDS: dict[str, str] = {
     "embed": "turn a folder of images into features with a backbone checkpoint",
     "data": "make data sets (the procedural synthetic data set)",
@@ -74,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except FrancaError as error:
         print(f"franca {args._module}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRA_OF:
+            raise
+        extra = EXTRA_OF[package]
+        print(
+            f"franca {args._module}: error: needs {package}, which the '{extra}' extra installs: "
+            f"pip install 'franca[{extra}]' (or 'franca[all]')",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"franca {args._module}: interrupted", file=sys.stderr)

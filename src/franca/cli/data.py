@@ -19,8 +19,8 @@ def _default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``data`` actions (currently ``synth``) as sub-commands of ``parser``."""
+    from franca.cli.options import output_folder
     from franca.data.synth import STYLES
-    from franca.eval.common import output_folder
 
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
     synth = actions.add_parser(

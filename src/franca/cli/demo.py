@@ -15,8 +15,8 @@ DEFAULT_QUICK_OUTPUT = "runs/demo_quick"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``franca demo``."""
+    from franca.cli.options import output_folder
     from franca.data.synth import STYLES
-    from franca.eval.common import output_folder
 
     parser.add_argument(
         "--output-dir",
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the settings from ``args`` and run the demo; returns 0."""
     from franca.core.errors import ConfigError
-    from franca.demo import DemoSettings, apply_quick, run_demo
+    from franca.demo import DemoSettings, apply_quick, run_demo, summary_text
 
     for name in ("num_images", "val_images", "iterations", "batch_size"):
         value = getattr(args, name)
@@ -127,5 +127,5 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    run_demo(apply_quick(settings, explicit))
+    print(summary_text(run_demo(apply_quick(settings, explicit))))
     return 0

@@ -6,8 +6,8 @@ import argparse
 import os
 import time
 
+from franca.cli.options import non_negative_int, output_file, positive_int
 from franca.embed import OUTPUT_SUFFIXES
-from franca.eval.common import non_negative_int, output_file, positive_int
 
 
 def _shown(path: os.PathLike | str) -> str:

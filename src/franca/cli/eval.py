@@ -1,6 +1,7 @@
 """``franca eval <protocol>``: evaluate a frozen backbone checkpoint.
 
-Protocols (each a module of :mod:`franca.eval` with ``add_arguments(parser)`` and ``run(args)``):
+Protocols (each a module of :mod:`franca.cli.eval_protocols` with ``add_arguments(parser)`` and ``run(args)``, which
+calls the ``evaluate_<protocol>`` entry of its :mod:`franca.eval` module):
 
 - ``knn``: weighted k-NN on CLS features (DINOv2 protocol, k = 10/20/100/200, T = 0.07);
 - ``sliced-knn``: k-NN on the first m dims and on PCA-truncated features (Matryoshka check, plot);
@@ -11,7 +12,8 @@ Protocols (each a module of :mod:`franca.eval` with ``add_arguments(parser)`` an
 - ``overcluster``: K-means overclustering of patch tokens;
 - ``pca``: PCA visualisations of patch features.
 
-Every protocol writes ``OUTPUT_DIR/<protocol>.json`` (default ``runs/eval/<protocol>``) and prints a table.
+Every protocol writes ``OUTPUT_DIR/<protocol>.json`` (default ``runs/eval/<protocol>``) and prints a table. Building
+the parsers imports no torch: a protocol's library module is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ from __future__ import annotations
 import argparse
 import importlib
 
+_MODULES = "franca.cli.eval_protocols"
+
 PROTOCOLS: dict[str, tuple[str, str]] = {
-    "knn": ("franca.eval.knn", "weighted k-NN on CLS features (DINOv2 protocol)"),
-    "sliced-knn": ("franca.eval.sliced", "k-NN on Matryoshka slices and PCA-truncated features, with a plot"),
-    "linear": ("franca.eval.linear", "linear probe: (feature set, lr) heads trained jointly"),
-    "logreg": ("franca.eval.logreg", "logistic regression with a C sweep (fine-grained protocol)"),
-    "hummingbird": ("franca.eval.hummingbird", "HummingBird in-context semantic segmentation"),
-    "linear-seg": ("franca.eval.linear_seg", "linear semantic segmentation on frozen patch tokens"),
-    "overcluster": ("franca.eval.overclustering", "K-means overclustering of patch tokens"),
-    "pca": ("franca.eval.pca_maps", "PCA visualisations of patch features"),
+    "knn": (f"{_MODULES}.knn", "weighted k-NN on CLS features (DINOv2 protocol)"),
+    "sliced-knn": (
+        f"{_MODULES}.sliced_knn",
+        "k-NN on Matryoshka slices and PCA-truncated features, with a plot",
+    ),
+    "linear": (f"{_MODULES}.linear", "linear probe: (feature set, lr) heads trained jointly"),
+    "logreg": (f"{_MODULES}.logreg", "logistic regression with a C sweep (fine-grained protocol)"),
+    "hummingbird": (f"{_MODULES}.hummingbird", "HummingBird in-context semantic segmentation"),
+    "linear-seg": (f"{_MODULES}.linear_seg", "linear semantic segmentation on frozen patch tokens"),
+    "overcluster": (f"{_MODULES}.overcluster", "K-means overclustering of patch tokens"),
+    "pca": (f"{_MODULES}.pca", "PCA visualisations of patch features"),
 }
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from franca.eval.common import non_negative_int, output_folder, positive_int
+from franca.cli.options import non_negative_int, output_folder, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from franca.core.errors import DiskFullError
+from franca.core.errors import ConfigError, DiskFullError
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -146,3 +146,34 @@ def explain_disk_full(target: Path, needed: int, *temporaries: Path) -> Iterator
             f"{format_bytes(free)} free); free some space (or lower train.keep_last, or move the output to a larger "
             "disk) and run the same command again: a training run resumes from its newest complete checkpoint"
         ) from None
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` cannot be used or created (a message naming the culprit), or None when it can.
+
+    The nearest existing one of ``path`` and its parents must be a folder: ``path`` itself being a file, or a file
+    standing where a parent folder would be created, are both reported as ``<file> is a file; give a folder``.
+    """
+    target = Path(path)
+    for candidate in (target, *target.parents):
+        if os.path.isdir(candidate):
+            return None
+        if os.path.lexists(candidate):
+            if os.path.islink(candidate) and not os.path.exists(candidate):
+                return f"{candidate} is a broken symbolic link; give a folder"
+            kind = "a file" if os.path.isfile(candidate) else "not a folder"
+            return f"{candidate} is {kind}; give a folder"
+    return None
+
+
+def ensure_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> Path:
+    """Create the folder ``path`` (with its parents); ConfigError naming ``option`` and the culprit when it cannot."""
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{option} {path}: {problem}")
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({error.strerror or error})") from error
+    return directory

@@ -1,4 +1,5 @@
-"""Evaluation protocols for frozen backbones, each a module with a tensor-level core, a model-level function and a CLI.
+"""Evaluation protocols for frozen backbones, each a module with a tensor-level core and a model-level entry
+``evaluate_<protocol>(model, data..., settings...) -> results dict``.
 
 Classification (image-level features):
 
@@ -12,6 +13,9 @@ Dense (patch-level features): :mod:`franca.eval.hummingbird` (in-context segment
 (linear segmentation), :mod:`franca.eval.overclustering` (K-means overclustering), :mod:`franca.eval.pca_maps` (PCA
 visualisations).
 
-Shared plumbing (options, model loading, result files) is in :mod:`franca.eval.common`; feature extraction in
-:mod:`franca.eval.features`. ``franca eval <protocol> --help`` lists the options of each protocol.
+Shared plumbing (model loading, loaders, result files) is in :mod:`franca.eval.common`, the protocols' defaults in
+:mod:`franca.eval.defaults` and output folders and tables in :mod:`franca.eval.output` (both torch-free); feature
+extraction in :mod:`franca.eval.features`. The library logs through ``logging`` and never prints or parses
+arguments: the ``franca eval <protocol>`` commands (options, printed tables) live in :mod:`franca.cli.eval_protocols`,
+and ``franca eval <protocol> --help`` lists the options of each protocol.
 """

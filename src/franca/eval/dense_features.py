@@ -8,7 +8,6 @@ forward runs under bf16 autocast (:func:`franca.core.runtime.autocast_context`);
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 
 import torch
@@ -16,8 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from franca.core.errors import ConfigError, DataError
+from franca.eval import defaults
 
-TOKEN_CHOICES = ("auto", "patch", "rasa")
+TOKEN_CHOICES = defaults.TOKEN_CHOICES
 
 
 def resolve_token_key(model: nn.Module, tokens: str = "auto") -> str:
@@ -114,16 +114,6 @@ def collect_dense_features(
     if not features:
         raise DataError("no readable image in the data set; every sample was skipped")
     return torch.cat(features), torch.cat(masks)
-
-
-def add_token_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--tokens`` option: which patch features the dense protocols use."""
-    parser.add_argument(
-        "--tokens",
-        default="auto",
-        choices=list(TOKEN_CHOICES),
-        help="patch features: final-norm patch tokens (patch), RASA tokens (rasa), or auto (RASA when --rasa is given)",
-    )
 
 
 def seed_list(base_seed: int, count: int) -> list[int]:

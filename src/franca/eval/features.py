@@ -22,6 +22,7 @@ counted and reported; plain ``(images, labels)`` batches work as well.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -34,6 +35,8 @@ from franca.core.runtime import autocast_context
 
 FEATURE_KINDS: tuple[str, ...] = ("cls", "cls_concat", "avgpool", "avgpool_rasa", "patch", "patch_rasa")
 _RASA_KINDS = ("avgpool_rasa", "patch_rasa")
+
+logger = logging.getLogger(__name__)
 
 
 class ExtractedFeatures(NamedTuple):
@@ -114,7 +117,8 @@ def extract_features(
 
     ``which`` lists kinds from :data:`FEATURE_KINDS`; ``n_last_blocks`` is the number of blocks whose CLS tokens
     ``cls_concat`` concatenates. Returns :class:`ExtractedFeatures` ``(features, labels, num_skipped)``, where
-    ``num_skipped`` counts the unreadable images dropped by ``collate_skip_none`` (also printed when non-zero). Raises DataError when the loader yields no readable image at all.
+    ``num_skipped`` counts the unreadable images dropped by ``collate_skip_none`` (also logged when non-zero).
+    Raises DataError when the loader yields no readable image at all.
     """
     which = tuple(dict.fromkeys(which))
     unknown = [kind for kind in which if kind not in FEATURE_KINDS]
@@ -160,7 +164,7 @@ def extract_features(
             f"{description}: no readable image was found ({num_skipped} unreadable); check the data folder"
         )
     if num_skipped:
-        print(f"{description}: skipped {num_skipped} unreadable image(s), used {num_seen}")
+        logger.info("%s: skipped %d unreadable image(s), used %d", description, num_skipped, num_seen)
     features = {kind: torch.cat(values) for kind, values in chunks.items()}
     return ExtractedFeatures(features, torch.cat(label_chunks), num_skipped)
 

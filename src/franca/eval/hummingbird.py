@@ -23,7 +23,6 @@ Franca evaluates at 518 x 518 (``--size 518``); this module's default is 224 for
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
@@ -33,11 +32,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from franca.core.errors import ConfigError, DataError
+from franca.eval import defaults
 from franca.eval.miou import confusion_matrix, miou_from_confusion, pixel_accuracy
 
-SEARCH_CHOICES = ("auto", "torch", "faiss")
-DEFAULT_K = 30
-DEFAULT_TEMPERATURE = 0.02
+SEARCH_CHOICES = defaults.SEARCH_CHOICES
+DEFAULT_K = defaults.HUMMINGBIRD_K
+DEFAULT_TEMPERATURE = defaults.HUMMINGBIRD_TEMPERATURE
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -372,63 +372,3 @@ def evaluate_hummingbird(
         "num_skipped_val": counter.num_skipped,
         "num_unlabelled_train_patches": bank["num_unlabelled_patches"],
     }
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval hummingbird``."""
-    from franca.eval.common import add_common_arguments
-    from franca.eval.dense_features import add_token_argument
-    from franca.eval.segmentation_data import add_segmentation_arguments
-
-    add_common_arguments(parser, protocol="hummingbird")
-    add_segmentation_arguments(parser, train=True)
-    add_token_argument(parser)
-    group = parser.add_argument_group("hummingbird")
-    group.add_argument("--k", type=int, default=DEFAULT_K, help="nearest neighbours per patch (Franca: 30)")
-    group.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature of cosine (0.02)"
-    )
-    group.add_argument(
-        "--memory-size",
-        type=int,
-        default=None,
-        help="patches kept in the memory bank (default: all, as Franca)",
-    )
-    group.add_argument(
-        "--seeds", type=int, default=1, help="number of seeds averaged when the bank is subsampled"
-    )
-    group.add_argument(
-        "--search", default="auto", choices=list(SEARCH_CHOICES), help="exact NN search backend"
-    )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval hummingbird``: load the model and data, evaluate, write DIR/hummingbird.json."""
-    from franca.core.runtime import seed_everything
-    from franca.eval.common import load_model, write_results
-    from franca.eval.dense_features import seed_list
-    from franca.eval.segmentation_data import build_segmentation_datasets
-
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    train_dataset, val_dataset = build_segmentation_datasets(args, train=True)
-    results = evaluate_hummingbird(
-        model,
-        train_dataset,
-        val_dataset,
-        k=args.k,
-        temperature=args.temperature,
-        memory_size=args.memory_size,
-        seeds=seed_list(args.seed, args.seeds),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        tokens=args.tokens,
-        search=args.search,
-    )
-    results["train_data"] = train_dataset.describe()
-    results["val_data"] = val_dataset.describe()
-    results["size"] = args.size
-    write_results(results, args.output_dir, "hummingbird", args)
-    return results

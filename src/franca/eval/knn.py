@@ -12,7 +12,6 @@ when faiss is installed; both give the same neighbours up to float rounding.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +21,10 @@ from torch import Tensor
 
 from franca.core.errors import ConfigError
 from franca.core.progress import ProgressBar
-from franca.core.runtime import seed_everything
-from franca.eval.common import add_common_arguments, format_table, load_model, write_results
+from franca.eval import defaults
 
-DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
+DEFAULT_KS: tuple[int, ...] = defaults.KNN_KS
+DEFAULT_TEMPERATURE = defaults.KNN_TEMPERATURE
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -340,56 +338,3 @@ def knn_table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if key.startswith("k") and isinstance(value, dict) and "top1" in value:
             rows.append({"k": value["k"], "top1": value["top1"], "top5": value["top5"]})
     return rows
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """--train and --val ImageFolder roots (class subfolders), shared by the classification protocols."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--train", required=True, metavar="DIR", help="train ImageFolder root (one subfolder per class)"
-    )
-    group.add_argument(
-        "--val", required=True, metavar="DIR", help="val ImageFolder root with the same class subfolders"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval knn``."""
-    add_common_arguments(parser, "knn")
-    add_dataset_arguments(parser)
-    group = parser.add_argument_group("k-NN")
-    group.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature T")
-    group.add_argument(
-        "--faiss",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="exact search with faiss (auto: when installed)",
-    )
-
-
-def faiss_option(value: str) -> bool | str:
-    """Map the --faiss choice to knn_classify's ``use_faiss``."""
-    return {"auto": "auto", "yes": True, "no": False}[value]
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval knn``: load the model and the data, run the k-NN protocol, write ``knn.json``."""
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    train, val = classification_datasets(args.train, args.val, args.size)
-    results = evaluate_knn(
-        model,
-        train,
-        val,
-        ks=args.ks,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        use_faiss=faiss_option(args.faiss),
-    )
-    print(format_table(knn_table_rows(results), ["k", "top1", "top5"]))
-    write_results(results, args.output_dir, "knn", args, print_table=False)
-    return results

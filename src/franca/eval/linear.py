@@ -24,7 +24,6 @@ Differences from DINOv2, on purpose:
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -36,20 +35,13 @@ from torch import Tensor, nn
 
 from franca.core.errors import ConfigError
 from franca.core.progress import ProgressBar
-from franca.core.runtime import autocast_context, seed_everything
-from franca.eval.common import (
-    add_common_arguments,
-    format_table,
-    load_model,
-    make_loader,
-    positive_int,
-    write_results,
-)
+from franca.core.runtime import autocast_context
+from franca.eval import defaults
+from franca.eval.common import make_loader
 from franca.eval.features import extract_features, forward_kinds, unpack_batch
-from franca.eval.knn import add_dataset_arguments, classification_datasets
 
-DINOV2_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
-DEFAULT_FEATURE_SETS: tuple[str, ...] = ("cls1", "cls4", "cls1+avgpool", "cls4+avgpool")
+DINOV2_LRS: tuple[float, ...] = defaults.DINOV2_LRS
+DEFAULT_FEATURE_SETS: tuple[str, ...] = defaults.LINEAR_FEATURE_SETS
 _FEATURE_SET = re.compile(r"^cls(\d+)(\+avgpool)?$")
 
 
@@ -411,6 +403,13 @@ def train_augmentation(size: int) -> Callable:
     )
 
 
+def augmented_train_dataset(train_root: str, size: int) -> Any:
+    """The ImageFolder ``train_root`` under :func:`train_augmentation` (``evaluate_linear``'s ``augment_dataset``)."""
+    from franca.data.datasets import ImageFolderDataset
+
+    return ImageFolderDataset(train_root, transform=train_augmentation(size))
+
+
 def evaluate_linear(
     model: nn.Module,
     train_dataset: Any,
@@ -543,73 +542,3 @@ def linear_table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval linear``."""
-    add_common_arguments(parser, "linear")
-    add_dataset_arguments(parser)
-    group = parser.add_argument_group("linear probe")
-    group.add_argument(
-        "--features",
-        nargs="+",
-        default=list(DEFAULT_FEATURE_SETS),
-        metavar="SET",
-        help="feature sets: cls<n> or cls<n>+avgpool (default: %(default)s)",
-    )
-    group.add_argument(
-        "--lrs", type=float, nargs="+", default=list(DINOV2_LRS), help="base learning rates (x batch/256)"
-    )
-    group.add_argument("--epochs", type=int, default=10, help="passes over the training part")
-    group.add_argument(
-        "--probe-batch-size", type=positive_int, default=256, help="batch size of the linear heads"
-    )
-    group.add_argument(
-        "--holdout",
-        type=float,
-        default=0.1,
-        help="fraction of train held out to choose the head (0: choose on val)",
-    )
-    group.add_argument(
-        "--augment",
-        action="store_true",
-        help="re-run the backbone on RandomResizedCrop+flip train images every epoch (DINOv2; slower)",
-    )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval linear``: train the heads, choose one on the held-out split, report val; writes linear.json."""
-    seed_everything(args.seed)
-    for name in args.features:
-        parse_feature_set(name)
-    model, device = load_model(args)
-    train, val = classification_datasets(args.train, args.val, args.size)
-    augment_dataset = None
-    if args.augment:
-        from franca.data.datasets import ImageFolderDataset
-
-        augment_dataset = ImageFolderDataset(args.train, transform=train_augmentation(args.size))
-    results = evaluate_linear(
-        model,
-        train,
-        val,
-        feature_sets=args.features,
-        learning_rates=args.lrs,
-        epochs=args.epochs,
-        probe_batch_size=args.probe_batch_size,
-        holdout_fraction=args.holdout,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        seed=args.seed,
-        augment_dataset=augment_dataset,
-    )
-    print(format_table(linear_table_rows(results)))
-    best = results["best"]
-    print(
-        f"chosen: {best['feature_set']} lr {best['lr']:g} (on {results['selected_on']}): "
-        f"val top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}"
-    )
-    write_results(results, args.output_dir, "linear", args, print_table=False)
-    return results

@@ -18,7 +18,6 @@ Decisions, kept consistent everywhere here:
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,14 +28,12 @@ from torch import Tensor
 
 from franca.core.errors import ConfigError
 from franca.core.progress import ProgressBar
-from franca.core.runtime import seed_everything
-from franca.eval.common import add_common_arguments, format_table, load_model, write_results
-from franca.eval.knn import add_dataset_arguments, classification_datasets
+from franca.eval import defaults
 from franca.eval.linear import holdout_split
 
-OFFICIAL_C_COUNT = 45
-C_POWER_RANGE: tuple[float, float] = (-6.0, 5.0)
-NORMALIZATIONS = ("none", "l2", "standardize")
+OFFICIAL_C_COUNT = defaults.OFFICIAL_C_COUNT
+C_POWER_RANGE: tuple[float, float] = defaults.C_POWER_RANGE
+NORMALIZATIONS = defaults.NORMALIZATIONS
 
 
 def c_grid(
@@ -244,70 +241,4 @@ def evaluate_logreg(
         progress=progress,
     )
     results.update(feature=feature, skipped_train=train.num_skipped, skipped_val=val.num_skipped)
-    return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval logreg``."""
-    add_common_arguments(parser, "logreg")
-    add_dataset_arguments(parser)
-    group = parser.add_argument_group("logistic regression")
-    group.add_argument(
-        "--c-values",
-        type=int,
-        default=OFFICIAL_C_COUNT,
-        metavar="COUNT",
-        help="number of C values, log-spaced over 10^-6 .. 10^5 (official: 45; e.g. 12 for a quick sweep)",
-    )
-    group.add_argument(
-        "--cs", type=float, nargs="+", default=None, help="explicit C values (override --c-values)"
-    )
-    group.add_argument(
-        "--feature", choices=("cls", "avgpool"), default="cls", help="image feature (official: cls)"
-    )
-    group.add_argument("--normalize", choices=NORMALIZATIONS, default="none", help="feature normalisation")
-    group.add_argument(
-        "--metric", choices=("top1", "mean_per_class"), default="top1", help="metric that chooses C"
-    )
-    group.add_argument(
-        "--holdout", type=float, default=0.1, help="train fraction held out to choose C (0: on val)"
-    )
-    group.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
-    group.add_argument("--tol", type=float, default=1e-12, help="L-BFGS tolerance (official 1e-12)")
-    group.add_argument("--jobs", type=int, default=1, help="C values fitted in parallel (joblib)")
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval logreg``: sweep C, re-fit, report val accuracy; writes logreg.json."""
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    train, val = classification_datasets(args.train, args.val, args.size)
-    c_values = args.cs if args.cs else c_grid(args.c_values)
-    results = evaluate_logreg(
-        model,
-        train,
-        val,
-        c_values=c_values,
-        feature=args.feature,
-        holdout_fraction=args.holdout,
-        normalize=args.normalize,
-        metric=args.metric,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        seed=args.seed,
-        n_jobs=args.jobs,
-    )
-    rows = [
-        {"C": f"{row['C']:.3g}", "selection_top1": row["top1"], "converged": row["converged"]}
-        for row in results["sweep"]
-    ]
-    print(format_table(rows))
-    print(
-        f"chosen C = {results['best_C']:.4g} (on {results['selected_on']}): val top-1 {results['top1']:.2f}  "
-        f"top-5 {results['top5']:.2f}  mean per-class {results['mean_per_class']:.2f}"
-    )
-    write_results(results, args.output_dir, "logreg", args, print_table=False)
     return results

@@ -27,7 +27,6 @@ Protocol (method doc sections 5-6 and Leopart's ``overcluster.py``):
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
@@ -38,13 +37,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from franca.core.errors import ConfigError
+from franca.eval import defaults
 from franca.eval.miou import confusion_matrix, miou_from_confusion
 
-MATCHING = ("auto", "greedy", "hungarian")
-BACKENDS = ("auto", "faiss", "sklearn")
-DEFAULT_CLUSTERS = (100, 300)
-DEFAULT_PCA_DIM = 50
-DEFAULT_MASK_SIZE = 100
+MATCHING = defaults.MATCHING
+BACKENDS = defaults.KMEANS_BACKENDS
+DEFAULT_CLUSTERS = defaults.DEFAULT_CLUSTERS
+DEFAULT_PCA_DIM = defaults.DEFAULT_PCA_DIM
+DEFAULT_MASK_SIZE = defaults.DEFAULT_MASK_SIZE
 MINIBATCH_THRESHOLD = 200_000
 
 
@@ -270,65 +270,4 @@ def evaluate_overclustering(
             "num_skipped_val": counter.num_skipped,
         }
     )
-    return results
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval overcluster``."""
-    from franca.eval.common import add_common_arguments
-    from franca.eval.dense_features import add_token_argument
-    from franca.eval.segmentation_data import add_segmentation_arguments
-
-    add_common_arguments(parser, protocol="overcluster")
-    add_segmentation_arguments(parser, train=False)
-    add_token_argument(parser)
-    group = parser.add_argument_group("overclustering")
-    group.add_argument("--clusters", type=int, nargs="+", default=list(DEFAULT_CLUSTERS), help="values of K")
-    group.add_argument("--seeds", type=int, default=5, help="k-means seeds averaged (from --seed on)")
-    group.add_argument(
-        "--pca-dim", type=int, default=DEFAULT_PCA_DIM, help="PCA dimensions before k-means (0: no PCA)"
-    )
-    group.add_argument(
-        "--mask-size", type=int, default=DEFAULT_MASK_SIZE, help="side of the evaluated masks (Leopart: 100)"
-    )
-    group.add_argument(
-        "--matching", default="auto", choices=list(MATCHING), help="cluster-to-class matching rule"
-    )
-    group.add_argument("--kmeans-iters", type=int, default=100, help="k-means iterations per restart")
-    group.add_argument("--kmeans-redo", type=int, default=5, help="k-means restarts (best objective kept)")
-    group.add_argument(
-        "--kmeans-backend", default="auto", choices=list(BACKENDS), help="k-means implementation"
-    )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval overcluster``: load the model and the val data, cluster, write DIR/overcluster.json."""
-    from franca.core.runtime import seed_everything
-    from franca.eval.common import load_model, write_results
-    from franca.eval.dense_features import seed_list
-    from franca.eval.segmentation_data import build_segmentation_datasets
-
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    _, val_dataset = build_segmentation_datasets(args, train=False)
-    results = evaluate_overclustering(
-        model,
-        val_dataset,
-        clusters=args.clusters,
-        seeds=seed_list(args.seed, args.seeds),
-        pca_dim=args.pca_dim or None,
-        mask_size=args.mask_size,
-        matching=args.matching,
-        niter=args.kmeans_iters,
-        nredo=args.kmeans_redo,
-        backend=args.kmeans_backend,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        tokens=args.tokens,
-    )
-    results["val_data"] = val_dataset.describe()
-    results["size"] = args.size
-    write_results(results, args.output_dir, "overcluster", args)
     return results

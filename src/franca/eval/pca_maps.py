@@ -11,7 +11,6 @@ then its map.
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from collections.abc import Sequence
@@ -184,68 +183,41 @@ def save_grid(grid: Image.Image, output_dir: str | os.PathLike, filename: str = 
     return path
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval pca``."""
-    from franca.eval.common import add_common_arguments
-    from franca.eval.dense_features import add_token_argument
+def evaluate_pca(
+    model: nn.Module,
+    images: Sequence[str | os.PathLike | Image.Image],
+    output_dir: str | os.PathLike,
+    filename: str = "pca_maps.png",
+    size: int = 224,
+    foreground_threshold: float | None = None,
+    invert_foreground: bool = False,
+    tokens: str = "auto",
+    device: torch.device | None = None,
+    resize_mode: str = "resize",
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Draw the PCA maps of ``images`` (:func:`pca_feature_maps`), save them as ``output_dir/filename``.
 
-    add_common_arguments(parser, protocol="pca")
-    add_token_argument(parser)
-    group = parser.add_argument_group("PCA maps")
-    group.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="images, folders, glob patterns or list files",
-    )
-    group.add_argument("--max-images", type=int, default=16, help="show at most this many images")
-    group.add_argument(
-        "--foreground-threshold",
-        type=float,
-        default=None,
-        metavar="X",
-        help="keep patches whose min-max normalised first component exceeds X, refit PCA on them (DINOv2 demo)",
-    )
-    group.add_argument(
-        "--invert-foreground", action="store_true", help="foreground is below the threshold instead"
-    )
-    group.add_argument(
-        "--resize-mode", default="resize", choices=["resize", "crop"], help="how images become S x S"
-    )
-    group.add_argument("--filename", default="pca_maps.png", help="name of the PNG written in --output-dir")
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval pca``: load the model, draw the PCA maps of the images, write the PNG and DIR/pca.json."""
-    from franca.core.runtime import seed_everything
-    from franca.data.images import list_images
-    from franca.eval.common import DEFAULT_OUTPUT_ROOT, load_model, write_results
-
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    paths = list_images(args.images)[: max(1, args.max_images)]
-    output_dir = Path(args.output_dir) if args.output_dir is not None else DEFAULT_OUTPUT_ROOT / "pca"
+    Returns ``{"protocol": "pca", "grid" (the PNG's path), "num_images", "num_skipped", "size",
+    "foreground_threshold"}``.
+    """
     grid = pca_feature_maps(
         model,
-        paths,
-        size=args.size,
-        foreground_threshold=args.foreground_threshold,
-        invert_foreground=args.invert_foreground,
-        tokens=args.tokens,
+        images,
+        size=size,
+        foreground_threshold=foreground_threshold,
+        invert_foreground=invert_foreground,
+        tokens=tokens,
         device=device,
-        resize_mode=args.resize_mode,
-        batch_size=args.batch_size,
+        resize_mode=resize_mode,
+        batch_size=batch_size,
     )
-    path = save_grid(grid, output_dir, args.filename)
-    results = {
+    path = save_grid(grid, output_dir, filename)
+    return {
         "protocol": "pca",
         "grid": str(path),
         "num_images": grid.info["num_images"],
         "num_skipped": grid.info["num_skipped"],
-        "size": args.size,
-        "foreground_threshold": args.foreground_threshold,
+        "size": size,
+        "foreground_threshold": foreground_threshold,
     }
-    write_results(results, output_dir, "pca", args)
-    return results

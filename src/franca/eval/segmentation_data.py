@@ -32,7 +32,6 @@ itself is inconsistent.
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from collections.abc import Sequence
@@ -46,10 +45,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from franca.core.errors import ConfigError, DataError
+from franca.eval import defaults
 
 IGNORE_INDEX = 255
-LAYOUTS = ("auto", "voc", "plain", "synth")
-RESIZE_MODES = ("resize", "crop")
+LAYOUTS = defaults.LAYOUTS
+RESIZE_MODES = defaults.RESIZE_MODES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VOC_CLASSES: tuple[str, ...] = (
@@ -497,53 +497,35 @@ def make_segmentation_loader(
     )
 
 
-# ------------------------------------------------------------------------------------------------ CLI helpers
-def add_segmentation_arguments(parser: argparse.ArgumentParser, train: bool = True) -> None:
-    """Options naming the segmentation data, shared by the dense protocols (``--train`` only when ``train``)."""
-    group = parser.add_argument_group("segmentation data")
-    if train:
-        group.add_argument("--train", required=True, metavar="DIR", help="train data set root")
-        group.add_argument("--train-split", default="train", help="train split name (VOC: e.g. trainaug)")
-    group.add_argument("--val", required=True, metavar="DIR", help="validation data set root")
-    group.add_argument("--val-split", default="val", help="validation split name")
-    group.add_argument(
-        "--layout", default="auto", choices=list(LAYOUTS), help="data set layout (default: detect)"
-    )
-    group.add_argument(
-        "--resize-mode",
-        default="resize",
-        choices=list(RESIZE_MODES),
-        help="resize: image and mask to SIZE x SIZE (default); crop: shorter side to SIZE, then centre crop",
-    )
-    group.add_argument("--num-classes", type=int, default=None, help="number of classes (default: inferred)")
-    group.add_argument(
-        "--ignore-background",
-        action="store_true",
-        help="treat label 0 as ignore and shift the other labels down",
-    )
-    group.add_argument(
-        "--max-images", type=int, default=None, help="use at most this many images of each split"
-    )
-
-
 def build_segmentation_datasets(
-    args: argparse.Namespace, train: bool = True
+    val_root: str | os.PathLike,
+    train_root: str | os.PathLike | None = None,
+    train_split: str = "train",
+    val_split: str = "val",
+    layout: str = "auto",
+    size: int = 224,
+    resize_mode: str = "resize",
+    num_classes: int | None = None,
+    ignore_background: bool = False,
+    max_samples: int | None = None,
 ) -> tuple[SegmentationDataset | None, SegmentationDataset]:
-    """(train data set or None, val data set) from the options of :func:`add_segmentation_arguments`.
+    """(train data set or None when ``train_root`` is None, val data set) with the same options.
 
-    Without ``--num-classes`` both data sets get the larger of their inferred numbers of classes, so that a class
+    Without ``num_classes`` both data sets get the larger of their inferred numbers of classes, so that a class
     missing from one split's masks does not change the label space.
     """
     common = {
-        "layout": args.layout,
-        "size": args.size,
-        "resize_mode": args.resize_mode,
-        "num_classes": args.num_classes,
-        "ignore_background": args.ignore_background,
-        "max_samples": args.max_images,
+        "layout": layout,
+        "size": size,
+        "resize_mode": resize_mode,
+        "num_classes": num_classes,
+        "ignore_background": ignore_background,
+        "max_samples": max_samples,
     }
-    val_dataset = SegmentationDataset(args.val, split=args.val_split, **common)
-    train_dataset = SegmentationDataset(args.train, split=args.train_split, **common) if train else None
+    val_dataset = SegmentationDataset(val_root, split=val_split, **common)
+    train_dataset = (
+        SegmentationDataset(train_root, split=train_split, **common) if train_root is not None else None
+    )
     if train_dataset is not None and train_dataset.num_classes != val_dataset.num_classes:
         larger = max((train_dataset, val_dataset), key=lambda dataset: dataset.num_classes)
         for dataset in (train_dataset, val_dataset):

@@ -15,7 +15,6 @@ projection. :func:`plot_sliced` draws top-1 against m (log-2 axis) for one or se
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,11 @@ import torch
 from torch import Tensor
 
 from franca.core.errors import ConfigError
-from franca.core.runtime import seed_everything
-from franca.eval.common import add_common_arguments, format_table, load_model, write_results
-from franca.eval.knn import (
-    DEFAULT_TEMPERATURE,
-    add_dataset_arguments,
-    classification_datasets,
-    faiss_option,
-    knn_classify,
-)
+from franca.eval import defaults
+from franca.eval.knn import DEFAULT_TEMPERATURE, knn_classify
 
-DEFAULT_SLICED_KS: tuple[int, ...] = (20,)
-DEFAULT_FRACTIONS: tuple[int, ...] = (16, 8, 4, 2, 1)
+DEFAULT_SLICED_KS: tuple[int, ...] = defaults.SLICED_KS
+DEFAULT_FRACTIONS: tuple[int, ...] = defaults.SLICED_FRACTIONS
 
 
 def default_dims(feature_dim: int, divisors: Sequence[int] = DEFAULT_FRACTIONS) -> list[int]:
@@ -239,58 +231,4 @@ def evaluate_sliced_knn(
         device=device,
     )
     results.update(skipped_train=train.num_skipped, skipped_val=val.num_skipped)
-    return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``franca eval sliced-knn``."""
-    add_common_arguments(parser, "sliced-knn")
-    add_dataset_arguments(parser)
-    group = parser.add_argument_group("sliced k-NN")
-    group.add_argument(
-        "--dims", type=int, nargs="+", default=None, help="feature widths m (default d/16 ... d)"
-    )
-    group.add_argument(
-        "--ks", type=int, nargs="+", default=list(DEFAULT_SLICED_KS), help="numbers of neighbours"
-    )
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature T")
-    group.add_argument("--no-pca", action="store_true", help="skip the PCA-truncated baseline")
-    group.add_argument(
-        "--plot", default=None, metavar="PNG", help="plot path (default OUTPUT_DIR/sliced-knn.png)"
-    )
-    group.add_argument(
-        "--name", default=None, help="model name in the plot legend (default the checkpoint stem)"
-    )
-    group.add_argument(
-        "--faiss",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="exact search with faiss (auto: when installed)",
-    )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``franca eval sliced-knn``: k-NN on sliced and PCA-truncated CLS features; writes sliced-knn.json and sliced-knn.png."""
-    seed_everything(args.seed)
-    model, device = load_model(args)
-    train, val = classification_datasets(args.train, args.val, args.size)
-    results = evaluate_sliced_knn(
-        model,
-        train,
-        val,
-        dims=args.dims,
-        ks=args.ks,
-        temperature=args.temperature,
-        pca=not args.no_pca,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        use_faiss=faiss_option(args.faiss),
-    )
-    output_dir = Path(args.output_dir) if args.output_dir else Path("runs/eval/sliced-knn")
-    plot_path = Path(args.plot) if args.plot else output_dir / "sliced-knn.png"
-    name = args.name or Path(args.checkpoint).stem
-    results["plot"] = str(plot_sliced([(name, results)], plot_path))
-    print(format_table(sliced_table_rows(results), None))
-    write_results(results, output_dir, "sliced-knn", args, print_table=False)
     return results
