@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -280,6 +281,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _is_regular_or_missing(path: str | Path) -> bool:
+    """One ``stat``: True for a regular file (through symlinks) or a missing path (reported when opened)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def decode_image(source: str | Path | IO[bytes] | bytes, name: str | None = None) -> Image.Image:
     """Fully decode an image from a path, a binary file object or bytes into an 8-bit RGB PIL image.
 
@@ -291,7 +300,7 @@ def decode_image(source: str | Path | IO[bytes] | bytes, name: str | None = None
     )
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
-    if isinstance(source, (str, Path)) and os.path.exists(source) and not os.path.isfile(source):
+    if isinstance(source, (str, Path)) and not _is_regular_or_missing(source):
         # a FIFO would block the read forever, a device could stream without end: only regular files are images
         raise UnreadableImageError(
             f"cannot read image {label}: not a regular file (a folder, FIFO or device)"

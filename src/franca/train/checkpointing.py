@@ -9,6 +9,7 @@ Layout of ``<run>/``::
                                       writes its own shards, and a run resumes from it on any world size
     teacher_backbone.safetensors      the EMA teacher backbone: franca.load_backbone(...) reads it
     teacher_heads.pth                 the teacher heads in the official layout: franca.load_heads(...) reads it
+    .franca.lock                      held by the process training into the folder (RunLock)
 
 Every file and folder is written under a temporary name and renamed into place (a folder by rank 0 once every rank
 has finished), so a killed process never leaves a partial checkpoint where a resume would read it. A training
@@ -73,10 +74,6 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._key = Path(run_dir).resolve()
         self._handle: Any = None
-
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunDirectoryBusyError` naming the process that holds it."""
@@ -312,8 +309,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     stale: list[Path] = []
     for folder in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
         if folder.is_dir():
-            stale += sorted(path for path in folder.glob("*.tmp") if path.name != LOCK_FILE)
-            stale += sorted(folder.glob(".*.tmp"))
+            stale += sorted(folder.glob("*.tmp"))  # hidden names (.x.tmp) included: pathlib's * matches dots
     for path in stale:
         remove_path(path)
     return stale

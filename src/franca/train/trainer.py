@@ -545,7 +545,7 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            print(
+            logger.warning(
                 "tensorboard is not installed (pip install 'franca[tensorboard]'); logging to metrics.jsonl only"
             )
             return None
