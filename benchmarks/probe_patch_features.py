@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,20 @@ from common import machine_info, print_table, write_json
 from torch import Tensor, nn
 
 from franca import demo
+from franca.eval.hummingbird import HummingbirdSettings, label_bank, score_hummingbird
+from franca.eval.knn import knn_classify
+from franca.features import Features, TensorImages, extract_features
 from franca.models.checkpoints import load_backbone
 from franca.train.config import load_config
 
+TOKENS = ("cls", "patch", "pooled")
+
 
 class PatchDecomposition(nn.Module):
-    """A backbone view for :func:`franca.demo.extract_features` that returns one part of the tokens: ``"x0"`` (patch
-    embedding + position, what the blocks start from) or ``"residual"`` (what the first ``blocks`` blocks added to
-    it). ``standardise`` applies a LayerNorm without affine, so that cosine similarities compare directions only;
-    without it the raw part comes back (for its norm)."""
+    """A backbone view for :func:`franca.features.extract_features` that returns one part of the tokens: ``"x0"``
+    (patch embedding + position, what the blocks start from) or ``"residual"`` (what the first ``blocks`` blocks
+    added to it). ``standardise`` applies a LayerNorm without affine, so that cosine similarities compare directions
+    only; without it the raw part comes back (for its norm)."""
 
     def __init__(self, backbone: nn.Module, part: str, blocks: int, standardise: bool = True) -> None:
         super().__init__()
@@ -60,11 +66,31 @@ class PatchDecomposition(nn.Module):
         return {"x_norm_clstoken": chosen[:, 0], "x_norm_patchtokens": chosen[:, first_patch:]}
 
 
+def features_of(model: nn.Module, images: Tensor, labels: Tensor | None = None) -> Features:
+    """The CLS token, patch grid and mean patch token of uint8 ``images`` [N, 3, S, S] (ImageNet-normalised by
+    :mod:`franca.features`), on the CPU, with ``labels`` as targets."""
+    return extract_features(model, TensorImages(images, labels, 256), TOKENS, "cpu", progress=False)
+
+
 def mean_norms(view: PatchDecomposition, images: Tensor) -> tuple[float, float]:
     """Mean L2 norm of the (raw) part over the patch tokens and over the CLS token of ``images``."""
     raw = PatchDecomposition(view.backbone, view.part, view.blocks, standardise=False)
-    features = demo.extract_features(raw, images, torch.device("cpu"), progress=False)
+    features = features_of(raw, images)
     return float(features.patch.norm(dim=-1).mean()), float(features.cls.norm(dim=-1).mean())
+
+
+def knn_top1(train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor, settings: Any) -> float:
+    """The demo's k-NN top-1 (k, temperature of its settings) of val features against train features."""
+    results = knn_classify(
+        train,
+        train_labels,
+        val,
+        val_labels,
+        ks=(settings.knn_k,),
+        temperature=settings.knn_temperature,
+        num_classes=demo.NUM_SHAPE_CLASSES,
+    )
+    return results[f"k{settings.knn_k}"]["top1"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     train = demo.load_split(data, "train", size, progress=False, max_images=settings.train_images)
     val = demo.load_split(data, "val", size, progress=False)  # all of it, as the demo
     num_classes = demo.NUM_SHAPE_CLASSES + 1  # + background
-    bank = demo.build_memory_bank(
-        train.masks, config.model.patch_size, num_classes, settings.hummingbird_memory_patches
+    bank = label_bank(train.masks, config.model.patch_size, num_classes, settings.hummingbird_memory_patches)
+    hummingbird = HummingbirdSettings(
+        k=settings.hummingbird_k, temperature=settings.hummingbird_temperature, search="torch"
     )
     models = {"trained": load_backbone(str(exported[0])), "random init": demo.random_init_backbone(config)}
     rows = []
@@ -111,22 +138,29 @@ def main(argv: list[str] | None = None) -> int:
             for n in sorted({*args.blocks, depth})
         ]
         for part, blocks, view in views:
-            train_features = demo.extract_features(view, train.images, device, progress=False)
-            val_features = demo.extract_features(view, val.images, device, progress=False)
-            pooled = [demo.Features(f.patch.mean((1, 2)), f.patch) for f in (train_features, val_features)]
+            train_features = features_of(view, train.images, train.labels)
+            val_features = features_of(view, val.images, val.labels)
             row = {"model": model_name, "features": part, "blocks": blocks, "norm": None, "cls_knn": None}
             if part == "final":
-                knn = demo.run_knn(train_features, train.labels, val_features, val.labels, settings, device)
-                row["cls_knn"] = knn["top1"]
+                row["cls_knn"] = knn_top1(
+                    train_features.cls, train.labels, val_features.cls, val.labels, settings
+                )
             else:
                 row["norm"], cls_norm = mean_norms(view, val.images[:256])
                 print(f"{model_name} {part}@{blocks}: CLS token norm {cls_norm:.2f}", file=sys.stderr)
-            row["pooled_knn"] = demo.run_knn(
-                pooled[0], train.labels, pooled[1], val.labels, settings, device
-            )["top1"]
-            row["hummingbird"] = demo.run_hummingbird(
-                train_features.patch, bank, val_features.patch, val.masks, settings, device, num_classes
-            )["miou"]
+            row["pooled_knn"] = knn_top1(
+                train_features.pooled, train.labels, val_features.pooled, val.labels, settings
+            )
+            row["hummingbird"] = score_hummingbird(
+                train_features.patch,
+                train.masks,
+                val_features.patch,
+                val.masks,
+                hummingbird,
+                num_classes=num_classes,
+                bank=bank,
+                device=device,
+            ).miou
             rows.append(row)
             print(
                 f"{model_name} {part}@{blocks}: HummingBird {row['hummingbird']:.1f}",

@@ -266,7 +266,8 @@ def test_split_loading_matches_the_files(demo: dict) -> None:
 
 def test_hummingbird_adapter_with_oracle_features(demo: dict) -> None:
     """Patch features that encode each patch's majority label: HummingBird must segment well, as the reference."""
-    from franca.demo import build_memory_bank, run_hummingbird
+    from franca.demo import DemoData, SplitData, run_hummingbird
+    from franca.eval.hummingbird import label_bank
 
     root = demo["out"] / "data"
     _, train_masks, _ = _load_split(root, "train")
@@ -280,12 +281,18 @@ def test_hummingbird_adapter_with_oracle_features(demo: dict) -> None:
         features = F.one_hot(majority, 16).float()
         return features + 0.05 * torch.randn(features.shape, generator=generator)
 
+    def split(masks: torch.Tensor) -> SplitData:
+        return SplitData(torch.zeros(0), masks.to(torch.uint8), torch.zeros(0, dtype=torch.long), [])
+
     train_patch, val_patch = oracle(train_masks), oracle(val_masks)
-    bank = build_memory_bank(train_masks.to(torch.uint8), 8, 11, None)
-    result = run_hummingbird(train_patch, bank, val_patch, val_masks, LIGHT_EVAL, torch.device("cpu"), 11)
+    bank = label_bank(train_masks.to(torch.uint8), 8, 11)
+    data = DemoData(split(train_masks), split(val_masks), bank, 11, 8, root)
+    result = run_hummingbird(train_patch, val_patch, data, LIGHT_EVAL, torch.device("cpu"))
     reference = _reference_hummingbird_miou(train_patch, train_masks, val_patch, val_masks)
     assert result["miou"] == pytest.approx(reference, abs=1e-3)
     assert result["miou"] > 40.0  # far above the ~6.5 of predicting background everywhere
+    assert result["memory_patches"] == result["labelled_train_patches"] == int(bank.indices.numel())
+    assert result["per_class_iou"]["background"] is not None and result["tokens"] == "patch"
 
 
 def test_random_init_is_the_trainers_initial_teacher(demo: dict) -> None:

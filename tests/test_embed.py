@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from franca.cli import main
 from franca.core.errors import DataError
+from franca.features.files import read_embedding_paths
 from franca.models import vit_tiny
 from franca.models.checkpoints import save_backbone
 
@@ -158,12 +159,6 @@ def test_embed_errors_are_one_line(tmp_path: Path, checkpoint: Path, capsys) -> 
     assert "missing.pth" in capsys.readouterr().err
 
 
-def read_embedding_paths(out: Path) -> list[str]:
-    from franca.embed import read_embedding_paths as read
-
-    return read(out)
-
-
 def _png_bytes(seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
@@ -219,7 +214,7 @@ def test_embed_paths_round_trip_non_utf8_and_newline_names(
 def test_embed_failure_while_writing_leaves_the_previous_outputs_in_step(
     tmp_path: Path, checkpoint: Path, image_folder: Path, monkeypatch, capsys
 ) -> None:
-    import franca.embed
+    import franca.features.files
 
     out = tmp_path / "features.npy"
     with pytest.warns(UserWarning):
@@ -230,7 +225,7 @@ def test_embed_failure_while_writing_leaves_the_previous_outputs_in_step(
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(franca.embed, "_write_paths", fail)
+    monkeypatch.setattr(franca.features.files, "_write_paths", fail)
     (image_folder / "nested" / "c_gray.jpg").unlink()  # the new run would have other rows
     capsys.readouterr()
     with pytest.warns(UserWarning):
@@ -282,3 +277,24 @@ def test_embed_folder_with_a_fifo_named_like_an_image_finishes(
     assert outcome.get("code") == 0, outcome
     assert "embedded 1 of 1 images (0 unreadable, skipped)" in capsys.readouterr().out
     assert [Path(p).name for p in read_embedding_paths(out)] == ["a.png"]
+
+
+def test_embed_runs_an_onnx_export_with_onnxruntime(tmp_path: Path, image_folder: Path) -> None:
+    """`franca embed` on a .onnx file (runtime auto) gives the PyTorch features of the exported model to 1e-5."""
+    pytest.importorskip("onnxruntime")
+    from franca.models.formats.onnx_graph import export_onnx
+
+    torch.manual_seed(0)
+    model = vit_tiny(patch_size=8, img_size=32).eval()
+    torch_ckpt = save_backbone(model, tmp_path / "tiny.safetensors")
+    onnx_file = export_onnx(model, tmp_path / "tiny.onnx")
+    assert _embed(image_folder, torch_ckpt, tmp_path / "torch.safetensors", "--tokens", "cls,mean") == 0
+    assert _embed(image_folder, onnx_file, tmp_path / "onnx.safetensors", "--tokens", "cls,mean") == 0
+    with (
+        safe_open(str(tmp_path / "torch.safetensors"), framework="pt") as expected,
+        safe_open(str(tmp_path / "onnx.safetensors"), framework="pt") as got,
+    ):
+        for key in ("cls", "mean"):
+            assert torch.allclose(got.get_tensor(key), expected.get_tensor(key), atol=1e-5)
+    rasa_argv = ["--runtime", "onnx", "--rasa", str(tmp_path / "head.pth")]
+    assert _embed(image_folder, onnx_file, tmp_path / "x.npy", *rasa_argv) == 2

@@ -14,14 +14,18 @@ from PIL import Image
 from sklearn.linear_model import LinearRegression
 
 import franca
-from franca.core.errors import CheckpointError
+from franca.core.errors import CheckpointError, ConfigError
+from franca.data.images import Batch
+from franca.features import Features
 from franca.models.rasa import (
     apply_rasa_iterative,
+    complement_projector,
     fold_rasa,
     position_targets,
     rasa_matrix_from,
     read_rasa_head,
     removal_projector,
+    remove_directions,
     save_rasa_head,
 )
 from franca.rasa import rasa_transform, train_rasa
@@ -76,6 +80,15 @@ def test_removal_projector_annihilates_plane_and_keeps_its_complement() -> None:
     assert torch.allclose(projector @ projector, projector, atol=1e-6)
     expected = torch.eye(dim, dtype=torch.float64) - q[:, :2] @ q[:, :2].T
     assert torch.allclose(projector, expected, atol=1e-6)
+
+
+def test_remove_directions_and_complement_projector_by_hand() -> None:
+    basis = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])  # orthonormal rows
+    z = torch.tensor([[3.0, 4.0, 5.0], [4.0, -3.0, 2.0]])
+    # the first row lies in the span of the basis, the second is orthogonal to it
+    assert torch.allclose(remove_directions(z, basis), torch.tensor([[0.0, 0.0, 0.0], [4.0, -3.0, 0.0]]))
+    expected = torch.tensor([[0.64, -0.48, 0.0], [-0.48, 0.36, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(complement_projector(basis), expected, atol=1e-6)
 
 
 def test_position_targets_by_hand() -> None:
@@ -263,6 +276,74 @@ def test_train_rasa_streamed_features_with_held_out_metrics() -> None:
         cross_validated_r2(held_out, position_targets(6, 6).numpy()), abs=1e-5
     )
     assert result.metrics[0]["linear_r2"] < 0.05
+
+
+def grid_targets(rows: int, cols: int) -> np.ndarray:
+    """(row/(rows-1), col/(cols-1)) per patch of a row-major grid, by hand."""
+    row, col = np.meshgrid(np.arange(rows) / (rows - 1), np.arange(cols) / (cols - 1), indexing="ij")
+    return np.stack([row.ravel(), col.ravel()], axis=1)
+
+
+def test_train_rasa_on_a_features_object_with_a_non_square_grid() -> None:
+    gen = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen))
+    targets = grid_targets(4, 6)
+    code = 2.0 * (torch.from_numpy(targets).float() - 0.5) @ basis[:, :2].T  # [24, D]
+    patch = (code + torch.randn(96, 24, 30, generator=gen) @ basis[:, 2:].T).reshape(96, 4, 6, 32)
+    features = Features(targets=torch.arange(96), patch=patch.clone())
+
+    result = train_rasa(
+        None, features, iterations=1, epochs_per_iteration=10, lr=5e-2, batch_size=16, seed=0, progress=False
+    )
+    assert torch.equal(features.patch, patch)  # the caller's features are not modified
+    flat = patch.reshape(96, 24, 32)
+    assert result.baseline["linear_r2"] == pytest.approx(cross_validated_r2(flat.numpy(), targets), abs=1e-6)
+    cleaned = reference_removal(flat, result.weights).numpy()
+    assert result.metrics[0]["linear_r2"] == pytest.approx(cross_validated_r2(cleaned, targets), abs=1e-5)
+    assert result.metrics[0]["linear_r2"] < 0.05
+    with pytest.raises(ConfigError, match=r"grid=\(6, 4\)"):
+        train_rasa(None, features, grid=(6, 4), iterations=1, progress=False)
+
+
+class CountingLoader:
+    """Image batches (franca ``Batch`` objects, one with unreadable images dropped), counting the passes over them."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.batches = [
+            Batch(inputs=images[:4], targets=torch.arange(4), num_skipped=1),
+            Batch(inputs=None, targets=None, num_skipped=2),
+            Batch(inputs=images[4:], targets=torch.arange(4, len(images)), num_skipped=0),
+        ]
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_rasa_on_images_uses_the_backbone_patch_tokens(cache: bool) -> None:
+    model = franca.vit_tiny(patch_size=8, img_size=32)
+    # 20 images x 56 patches per fold: far more rows than the 192 + 1 unknowns of the closed-form fit
+    images = torch.randn(40, 3, 64, 56)
+    with torch.no_grad():
+        patch = model.eval().forward_features(images)["x_norm_patchtokens"]  # [40, 8*7, D]
+    loader = CountingLoader(images)
+    result = train_rasa(
+        model, loader, iterations=2, epochs_per_iteration=3, cache_features=cache, seed=0, progress=False
+    )
+    assert result.baseline["linear_r2"] == pytest.approx(
+        cross_validated_r2(patch.double().numpy(), grid_targets(8, 7)), abs=1e-5
+    )
+    # cached: one extraction; streamed: the baseline pass, then per iteration its epochs and one metric pass
+    assert loader.passes == (1 if cache else 1 + 2 * (3 + 1))
+    assert result.settings["skipped_images"] == 3 and result.settings["train_items"] == (
+        40 if cache else 3 * 128
+    )
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def two_plane_features(images: int = 128, grid: int = 6, dim: int = 32) -> torch.Tensor:

@@ -323,3 +323,84 @@ def test_missing_chromium_gives_a_reason(tmp_path: Path, monkeypatch: pytest.Mon
     assert "apt-get is not available" in browser.last_failure_reason
     assert browser.find_or_install_chromium(install=False) is None
     assert "installing it is turned off" in browser.last_failure_reason
+
+
+class _Headings(HTMLParser):
+    """The text of every <h1>/<h2>, the <style> text and the Content-Security-Policy, in page order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.style = ""
+        self.policy = ""
+        self._open: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag in ("h1", "h2"):
+            self.headings.append("")
+            self._open = tag
+        elif tag == "style":
+            self._open = tag
+        elif tag == "meta" and attributes.get("http-equiv") == "Content-Security-Policy":
+            self.policy = attributes.get("content") or ""
+
+    def handle_data(self, data: str) -> None:
+        if self._open in ("h1", "h2"):
+            self.headings[-1] += data
+        elif self._open == "style":
+            self.style += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == self._open:
+            self._open = None
+
+
+def test_template_escapes_cells_and_shows_every_section(tmp_path: Path) -> None:
+    hostile = "<script>alert('x')</script>"
+    titles = ["Data & training", "k-NN <top-1>", "Empty section", hostile]
+    sections = [
+        ReportSection(titles[0], text="one"),
+        ReportSection(titles[1], table=[{"cell": hostile, "value": 0.5}], table_caption='caption "quoted"'),
+        ReportSection(titles[2]),
+        ReportSection(
+            titles[3], images=[ReportImage(_pca_like_image(5), 'x" onerror="alert(1)', display_width=64)]
+        ),
+    ]
+    rows = [{"metric": hostile, "trained": 1, "random_init": 2, "note": "n"}]
+    out = render_report(
+        tmp_path / "r.html", title="T", summary_rows=rows, sections=sections, facts={"<k>": "<v>"}
+    )
+    text = out.read_text(encoding="utf-8")
+    page, headings = _parse(text), _Headings()
+    headings.feed(text)
+    assert headings.headings == ["T", "Summary: trained vs random init", *titles]
+    assert "<script" not in text.lower() and "&lt;script&gt;" in text
+    # Parsed back, every cell shows the hostile string as text.
+    assert page.tables[0] == [
+        ["metric", "trained", "random init", "delta", "note"],
+        [hostile, "1", "2", "-1", "n"],
+    ]
+    assert page.tables[1] == [["cell", "value"], [hostile, "0.5"]]
+    assert dict(page.cell_classes)["-1"] == "num bad" and dict(page.cell_classes)["0.5"] == "num"
+    # A quote in a caption cannot open a new attribute of the <img>.
+    (image,) = page.images
+    assert sorted(image) == ["alt", "src", "style"]
+    assert image["alt"] == 'x" onerror="alert(1)' and image["style"] == "width: 64px"
+    assert "<dt>&lt;k&gt;</dt><dd>&lt;v&gt;</dd>" in text
+    assert headings.policy == "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    assert "td.good { color: #1a7f37;" in headings.style  # the stylesheet is inlined
+
+
+def test_missing_jinja2_names_the_report_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from franca.report import html as report_html
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if it were not installed
+    report_html._template.cache_clear()
+    try:
+        with pytest.raises(ModuleNotFoundError, match=r"pip install 'franca\[report\]'") as raised:
+            render_report(tmp_path / "r.html", title="t", summary_rows=[], sections=[])
+    finally:
+        report_html._template.cache_clear()
+    assert raised.value.name == "jinja2"
+    assert not (tmp_path / "r.html").exists()

@@ -1,3 +1,5 @@
+"""``python -m franca``: the ``franca`` command line (:mod:`franca.cli`)."""
+
 import sys
 
 from franca.cli import main

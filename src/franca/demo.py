@@ -7,9 +7,9 @@ The flow (each phase prints one line with the elapsed time; tqdm bars show progr
 2. **train**: the ``tiny_cpu`` preset (:file:`franca/configs/tiny_cpu.yaml`) with dotlist overrides for the data
    path, the image size and the run length (on CUDA: a bigger batch and more iterations). Training runs in chunks that
    each end with a checkpoint, so that a time budget can stop it cleanly and a re-run resumes where it stopped.
-3. **features**: every train and val image goes through each backbone ONCE (CLS token and the patch-token grid);
-   every protocol then works on those tensors with the core functions of :mod:`franca.eval` (never the high-level
-   ``evaluate_*`` helpers, which would each re-extract the features).
+3. **features**: every train and val image goes through each backbone ONCE (:mod:`franca.features`: CLS token,
+   patch-token grid, mean patch token); every protocol then scores those tensors with the scoring functions of
+   :mod:`franca.eval` (never the high-level ``evaluate_*`` helpers, which would each re-extract the features).
 4. **evaluate** the trained teacher backbone and the same architecture at its random initialisation (built exactly as
    the trainer builds it): k-NN, linear probe, HummingBird in-context segmentation, overclustering,
    Matryoshka-sliced k-NN (plus PCA-truncated); RASA on the trained backbone (position R^2 per iteration, HummingBird
@@ -41,11 +41,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError
+from franca.data.synth import CLASS_NAMES
+from franca.eval.hummingbird import HummingbirdSettings, LabelBank, label_bank, score_hummingbird
+from franca.eval.knn import knn_classify
+from franca.eval.linear import train_linear_probe
+from franca.eval.overclustering import OverclusteringSettings, score_overclustering
+from franca.eval.pca_maps import score_pca
+from franca.eval.sliced import sliced_knn
+from franca.features import Features, TensorImages, extract_features
 from franca.train.callbacks import Callback, TimeBudget
 
 PRESET = "tiny_cpu"
@@ -409,8 +415,8 @@ def training_overrides(
 ) -> list[str]:
     """Dotlist overrides of the tiny_cpu preset for this demo run (data, size, length, batch, heads mode).
 
-    The schedule lengths (warmups, freezing of the last layer) are scaled with the number of iterations, so that a
-    short or a long run keeps the preset's proportions; on CUDA the batch and the run are larger.
+    The schedule lengths (warmups, freezing of the last layer) follow the number of iterations in the preset's
+    proportions (:func:`franca.train.config.load_config` scales them); on CUDA the batch and the run are larger.
     """
     from franca.train.config import load_config
 
@@ -420,7 +426,6 @@ def training_overrides(
     batch = settings.batch_size or (CUDA_BATCH_SIZE if cuda else preset.train.batch_size_per_device)
     if iterations < 1 or batch < 1:
         raise ConfigError(f"--iterations and the batch size must be >= 1 (got {iterations} and {batch})")
-    ratio = iterations / preset.train.iterations
     patch = preset.model.patch_size
     global_size = _round_to(settings.size, patch, patch)
     local_size = _round_to(settings.size / 2, patch, patch)
@@ -433,10 +438,6 @@ def training_overrides(
         f"train.batch_size_per_device={batch}",
         f"train.checkpoint_every={chunk}",
         f"train.log_every={max(1, min(preset.train.log_every, iterations // 20 or 1))}",
-        f"optim.warmup_iterations={min(iterations, max(1, round(preset.optim.warmup_iterations * ratio)))}",
-        "optim.freeze_last_layer_iterations="
-        f"{min(iterations, round(preset.optim.freeze_last_layer_iterations * ratio))}",
-        f"loss.teacher_temp_warmup_iterations={max(1, round(preset.loss.teacher_temp_warmup_iterations * ratio))}",
         f"model.img_size={global_size}",
         f"crops.global_size={global_size}",
         f"crops.local_size={local_size}",
@@ -672,107 +673,44 @@ def random_init_backbone(config: Any) -> nn.Module:
     return backbone.eval()
 
 
-# ---------------------------------------------------------------------------------------------------- features
-@dataclass
-class Features:
-    """Frozen features of one split: CLS [N, D] and patch grid [N, h, w, D] (fp32, CPU)."""
-
-    cls: Tensor
-    patch: Tensor
-
-    @property
-    def avgpool(self) -> Tensor:
-        """Mean patch token [N, D]."""
-        return self.patch.mean(dim=(1, 2))
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module,
-    images: Tensor,
-    device: torch.device,
-    batch_size: int = 256,
-    description: str = "features",
-    progress: bool = True,
-) -> Features:
-    """One pass of ``model`` over uint8 images [N, 3, S, S] (ImageNet-normalised here): CLS and patch grid."""
-    from franca.core.progress import ProgressBar
-    from franca.core.runtime import autocast_context
-
-    model = model.to(device).eval()
-    patch_size = int(model.patch_size)
-    size = images.shape[-1]
-    rows = cols = size // patch_size
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    cls_chunks, patch_chunks = [], []
-    for start in ProgressBar(
-        range(0, images.shape[0], batch_size),
-        desc=description,
-        unit="batch",
-        disable=not progress,
-        leave=False,
-    ):
-        batch = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255.0)
-        batch = (batch - mean) / std
-        with autocast_context(device):
-            out = model.forward_features(batch)
-        cls_chunks.append(out["x_norm_clstoken"].float().cpu())
-        patch = out["x_norm_patchtokens"].float().cpu()
-        patch_chunks.append(patch.reshape(patch.shape[0], rows, cols, patch.shape[-1]))
-    return Features(torch.cat(cls_chunks), torch.cat(patch_chunks))
-
-
 # ---------------------------------------------------------------------------------------------------- protocols
-def _search_device(device: torch.device) -> tuple[torch.device, str]:
-    """Where the nearest-neighbour searches run and with what: exact torch search (on CPU it beat faiss
-    ``IndexFlatIP`` by ~2x for the HummingBird shapes here, tens of thousands of queries against a 32k bank)."""
-    return (device if device.type == "cuda" else torch.device("cpu")), "torch"
+# The features of a split come from franca.features (TensorImages over the uint8 images, ImageNet-normalised on the
+# device) and every protocol is franca.eval's scoring; the functions below only pick the demo's settings.
+FEATURE_TOKENS: tuple[str, ...] = ("cls", "patch", "pooled")
+SEGMENTATION_CLASS_NAMES: tuple[str, ...] = ("background", *CLASS_NAMES)
 
 
-def run_knn(
-    train: Features,
-    train_labels: Tensor,
-    val: Features,
-    val_labels: Tensor,
-    settings: EvalSettings,
-    device: torch.device,
-) -> dict[str, Any]:
-    """k-NN top-1/top-5 on the CLS token (train split as memory)."""
-    from franca.eval.knn import knn_classify
+def _search_device(device: torch.device) -> torch.device:
+    """Where the nearest-neighbour searches run: the GPU when the demo runs on one, else the CPU (with the exact
+    torch search for HummingBird: on CPU it beat faiss ``IndexFlatIP`` by ~2x for the shapes here, tens of thousands
+    of queries against a 32k bank)."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
-    search_device, _ = _search_device(device)
-    results = knn_classify(  # CPU tensors; the search itself runs on ``search_device``
+
+def run_knn(train: Features, val: Features, settings: EvalSettings, device: torch.device) -> dict[str, Any]:
+    """k-NN top-1/top-5 on the CLS token (train split as memory; the features' targets are the class labels)."""
+    results = knn_classify(
         train.cls,
-        train_labels,
+        train.targets,
         val.cls,
-        val_labels,
+        val.targets,
         ks=(settings.knn_k,),
         temperature=settings.knn_temperature,
         num_classes=NUM_SHAPE_CLASSES,
-        device=search_device,
+        device=_search_device(device),
     )
-    results["top1"] = results[f"k{settings.knn_k}"]["top1"]
-    return results
+    return {**results, "top1": results[f"k{settings.knn_k}"]["top1"]}
 
 
 def run_linear(
-    train: Features,
-    train_labels: Tensor,
-    val: Features,
-    val_labels: Tensor,
-    settings: EvalSettings,
-    device: torch.device,
-    seed: int = 0,
+    train: Features, val: Features, settings: EvalSettings, device: torch.device, seed: int = 0
 ) -> dict[str, Any]:
     """Linear probe on precomputed CLS (+ mean patch) features; head chosen on a held-out part of train."""
-    from franca.eval.linear import train_linear_probe
-
-    results = train_linear_probe(
-        {"cls_concat": train.cls, "avgpool": train.avgpool},
-        train_labels,
-        {"cls_concat": val.cls, "avgpool": val.avgpool},
-        val_labels,
+    return train_linear_probe(
+        {"cls_blocks": train.cls, "pooled": train.pooled},
+        train.targets,
+        {"cls_blocks": val.cls, "pooled": val.pooled},
+        val.targets,
         feature_sets=settings.linear_feature_sets,
         learning_rates=settings.linear_lrs,
         epochs=settings.linear_epochs,
@@ -783,32 +721,22 @@ def run_linear(
         seed=seed,
         device=device,
     )
-    return results
 
 
 def run_sliced(
-    train: Features,
-    train_labels: Tensor,
-    val: Features,
-    val_labels: Tensor,
-    settings: EvalSettings,
-    device: torch.device,
-    pca: bool = True,
+    train: Features, val: Features, settings: EvalSettings, device: torch.device, pca: bool = True
 ) -> dict[str, Any]:
     """k-NN on the first m dims of the CLS token (and on its top-m PCA directions) for m = d/16 ... d."""
-    from franca.eval.sliced import sliced_knn
-
-    search_device, _ = _search_device(device)
-    return sliced_knn(  # CPU tensors (the PCA fit works on the CPU); the searches run on ``search_device``
+    return sliced_knn(
         train.cls,
-        train_labels,
+        train.targets,
         val.cls,
-        val_labels,
+        val.targets,
         ks=(settings.knn_k,),
         temperature=settings.knn_temperature,
         pca=pca,
         num_classes=NUM_SHAPE_CLASSES,
-        device=search_device,
+        device=_search_device(device),
     )
 
 
@@ -817,135 +745,68 @@ def sliced_curve(results: dict[str, Any], series: str, k: int) -> dict[int, floa
     return {int(m): float(results[series][str(m)][f"k{k}"]["top1"]) for m in results["dims"]}
 
 
-@dataclass
-class MemoryBank:
-    """HummingBird memory: which train patches (flat indices into [N*h*w]) and their label distributions [M, C]."""
-
-    indices: Tensor
-    distributions: Tensor
-    total_labelled: int
-
-
-def build_memory_bank(
-    train_masks: Tensor, patch_size: int, num_classes: int, max_patches: int | None, seed: int = 0
-) -> MemoryBank:
-    """Label distributions of the labelled train patches and a seeded uniform subset of ``max_patches`` of them."""
-    from franca.eval.hummingbird import patch_label_distributions
-
-    distributions, counts = [], []
-    for start in range(0, train_masks.shape[0], 1024):
-        dist, count = patch_label_distributions(
-            train_masks[start : start + 1024].long(), patch_size, num_classes, IGNORE_INDEX
-        )
-        distributions.append(dist.reshape(-1, num_classes))
-        counts.append(count.reshape(-1))
-    distribution = torch.cat(distributions)
-    labelled = torch.nonzero(torch.cat(counts) > 0).flatten()
-    if labelled.numel() == 0:
-        raise DataError("the HummingBird memory bank is empty: no train patch has a labelled pixel")
-    if max_patches is not None and max_patches < labelled.numel():
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(labelled.numel(), generator=generator)[:max_patches]
-        labelled = labelled[chosen.sort().values]
-    return MemoryBank(labelled, distribution[labelled], int(torch.cat(counts).gt(0).sum()))
-
-
 def run_hummingbird(
     train_patch: Tensor,
-    bank: MemoryBank,
     val_patch: Tensor,
-    val_masks: Tensor,
+    data: DemoData,
     settings: EvalSettings,
     device: torch.device,
-    num_classes: int,
     projection: Tensor | None = None,
 ) -> dict[str, Any]:
-    """HummingBird mIoU (percent) of val patch grids [N, h, w, D] against the memory bank of train patches.
+    """HummingBird mIoU (percent) of val patch grids [N, h, w, D] against the demo's memory bank of train patches.
 
     ``projection`` [D, D] (a folded RASA matrix) maps bank and query features as ``z @ projection.T`` first.
     """
-    from franca.eval.hummingbird import hummingbird_segment
-    from franca.eval.miou import confusion_matrix, miou_from_confusion, pixel_accuracy
-
-    search_device, search = _search_device(device)
-    dim = train_patch.shape[-1]
-    bank_feats = train_patch.reshape(-1, dim)[bank.indices]
-    count, rows, cols, _ = val_patch.shape
-    queries = val_patch.reshape(-1, dim)
-    if projection is not None:
-        bank_feats = bank_feats @ projection.T
-        queries = queries @ projection.T
-    predicted = hummingbird_segment(
-        bank_feats.to(search_device),
-        bank.distributions.to(search_device),
-        queries.to(search_device),
-        k=settings.hummingbird_k,
-        temperature=settings.hummingbird_temperature,
-        search=search,
-    ).cpu()
-    predicted = predicted.reshape(count, rows, cols, num_classes).permute(0, 3, 1, 2)
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for start in range(0, count, 128):
-        masks = val_masks[start : start + 128].long()
-        upsampled = F.interpolate(
-            predicted[start : start + 128], size=masks.shape[-2:], mode="bilinear", align_corners=False
-        )
-        conf += confusion_matrix(upsampled.argmax(dim=1), masks, num_classes, IGNORE_INDEX)
-    miou, iou = miou_from_confusion(conf)
-    names = ["background", *(_class_names())]
+    result = score_hummingbird(
+        train_patch,
+        data.train.masks,
+        val_patch,
+        data.val.masks,
+        HummingbirdSettings(
+            k=settings.hummingbird_k, temperature=settings.hummingbird_temperature, search="torch"
+        ),
+        num_classes=data.num_classes,
+        bank=data.bank,
+        class_names=SEGMENTATION_CLASS_NAMES,
+        device=_search_device(device),
+        projection=projection,
+    )
     return {
-        "miou": 100.0 * miou,
-        "pixel_accuracy": 100.0 * pixel_accuracy(conf),
-        "per_class_iou": {
-            name: (None if math.isnan(float(value)) else 100.0 * float(value))
-            for name, value in zip(names, iou)
-        },
-        "k": settings.hummingbird_k,
-        "temperature": settings.hummingbird_temperature,
-        "memory_patches": int(bank.indices.numel()),
-        "labelled_train_patches": bank.total_labelled,
-        "num_val_images": count,
+        "miou": result.miou,
+        "pixel_accuracy": result.pixel_accuracy,
+        "per_class_iou": result.per_class_iou,
+        "k": result.k,
+        "temperature": result.temperature,
+        "memory_patches": result.memory_patches_total,
+        "labelled_train_patches": data.bank.num_labelled,
+        "num_val_images": result.num_val_images,
         "tokens": "rasa" if projection is not None else "patch",
     }
-
-
-def _class_names() -> tuple[str, ...]:
-    from franca.data.synth import CLASS_NAMES
-
-    return CLASS_NAMES
 
 
 def run_overclustering(
     val_patch: Tensor, val_masks: Tensor, settings: EvalSettings, num_classes: int
 ) -> dict[str, Any]:
-    """Overclustering mIoU (percent, mean over seeds) of the val patch features for each K."""
-    from franca.eval.overclustering import kmeans_assign, overclustering_miou, standardize_and_reduce
-
-    count, rows, cols, dim = val_patch.shape
-    reduced = standardize_and_reduce(val_patch.reshape(-1, dim).numpy(), settings.overcluster_pca_dim)
-    masks = val_masks.long()
-    results: dict[str, Any] = {}
-    for k in settings.overcluster_ks:
-        values = []
-        for seed in settings.overcluster_seeds:
-            assignment = kmeans_assign(reduced, k, seed, settings.kmeans_iterations, settings.kmeans_restarts)
-            maps = torch.from_numpy(assignment).reshape(count, rows, cols)
-            outcome = overclustering_miou(
-                maps, masks, min(k, reduced.shape[0]), num_classes, "auto", mask_size=masks.shape[-1]
-            )
-            values.append(100.0 * outcome["miou"])
-        mean = sum(values) / len(values)
-        results[f"k{k}"] = {
-            "miou": mean,
-            "miou_std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
-            "miou_per_seed": values,
-        }
+    """Overclustering mIoU (percent, mean over seeds) of the val patch features for each K, at the mask size."""
+    overclustering = OverclusteringSettings(
+        clusters=settings.overcluster_ks,
+        seeds=settings.overcluster_seeds,
+        pca_dim=settings.overcluster_pca_dim,
+        mask_size=int(val_masks.shape[-1]),
+        niter=settings.kmeans_iterations,
+        nredo=settings.kmeans_restarts,
+    )
+    result = score_overclustering(val_patch, val_masks, overclustering, num_classes=num_classes)
+    results: dict[str, Any] = {
+        f"k{k}": {"miou": score.miou, "miou_std": score.miou_std, "miou_per_seed": score.miou_per_seed}
+        for k, score in result.scores.items()
+    }
     results.update(
-        seeds=list(settings.overcluster_seeds),
-        pca_dim=int(reduced.shape[1]),
+        seeds=result.seeds,
+        pca_dim=result.pca_dim,
         kmeans_iterations=settings.kmeans_iterations,
         kmeans_restarts=settings.kmeans_restarts,
-        num_patches=int(reduced.shape[0]),
+        num_patches=result.num_patches,
     )
     return results
 
@@ -983,13 +844,7 @@ def run_rasa(
 
 def pca_map_images(patch: Tensor, size: int) -> list[np.ndarray]:
     """RGB maps [size, size, 3] uint8 of the first 3 principal components of patch grids [n, h, w, D], fitted jointly."""
-    from franca.eval.pca_maps import pca_rgb
-
-    count, rows, cols, dim = patch.shape
-    colours, _ = pca_rgb(patch.reshape(-1, dim))
-    colours = (colours.reshape(count, rows, cols, 3) * 255.0).round().astype(np.uint8)
-    scale = max(1, size // rows)
-    return [np.kron(colour, np.ones((scale, scale, 1), dtype=np.uint8)) for colour in colours]
+    return [np.asarray(image) for image in score_pca(patch).images(size)]
 
 
 def colour_mask(mask: Tensor) -> np.ndarray:
@@ -1004,11 +859,11 @@ def colour_mask(mask: Tensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- evaluation
 @dataclass
 class DemoData:
-    """Both splits in memory plus the shared HummingBird memory bank."""
+    """Both splits in memory plus the shared HummingBird memory bank (a seeded subset of the labelled train patches)."""
 
     train: SplitData
     val: SplitData
-    bank: MemoryBank
+    bank: LabelBank
     num_classes: int  # segmentation classes: background + shapes
     patch_size: int
     train_dir: Path  # the training images (data.path of the runs)
@@ -1025,7 +880,8 @@ def evaluate_backbone(
 ) -> tuple[dict[str, Any], Features, Features]:
     """Extract features once and run every protocol on them (``full=False``: k-NN, sliced k-NN, HummingBird only).
 
-    Returns (results, train features, val features).
+    Returns (results, train features, val features): :class:`franca.features.Features` with the CLS token, the patch
+    grid and the mean patch token, the class labels as targets.
     """
     evaluation = settings.eval
     log(
@@ -1040,35 +896,30 @@ def evaluate_backbone(
         timings[key] = time.perf_counter() - started
         return value
 
-    train, val = timed(
-        "features",
-        lambda: (
-            extract_features(
-                model, data.train.images, device, evaluation.batch_size, f"{name}: train", settings.progress
-            ),
-            extract_features(
-                model, data.val.images, device, evaluation.batch_size, f"{name}: val", settings.progress
-            ),
-        ),
-    )
+    def features(split: SplitData, description: str) -> Features:
+        images = TensorImages(split.images, split.labels, evaluation.batch_size)
+        return extract_features(
+            model.to(device), images, FEATURE_TOKENS, device, desc=description, progress=settings.progress
+        )
 
-    args = (train, data.train.labels, val, data.val.labels, evaluation, device)
-    results["knn"] = timed("knn", lambda: run_knn(*args))
-    results["sliced_knn"] = timed("sliced_knn", lambda: run_sliced(*args, pca=full))
+    train, val = timed(
+        "features", lambda: (features(data.train, f"{name}: train"), features(data.val, f"{name}: val"))
+    )
+    results["knn"] = timed("knn", lambda: run_knn(train, val, evaluation, device))
+    results["sliced_knn"] = timed("sliced_knn", lambda: run_sliced(train, val, evaluation, device, pca=full))
     log(
         f"evaluate[{name}]: HummingBird ({data.bank.indices.numel()} memory patches, k={evaluation.hummingbird_k})"
     )
     results["hummingbird"] = timed(
-        "hummingbird",
-        lambda: run_hummingbird(
-            train.patch, data.bank, val.patch, data.val.masks, evaluation, device, data.num_classes
-        ),
+        "hummingbird", lambda: run_hummingbird(train.patch, val.patch, data, evaluation, device)
     )
     if full:
         log(
             f"evaluate[{name}]: linear probe, overclustering (K = {', '.join(map(str, evaluation.overcluster_ks))})"
         )
-        results["linear"] = timed("linear", lambda: run_linear(*args, seed=settings.seed))
+        results["linear"] = timed(
+            "linear", lambda: run_linear(train, val, evaluation, device, seed=settings.seed)
+        )
         results["linear"]["heads"] = [
             {k: v for k, v in row.items() if k != "name"} for row in results["linear"]["heads"]
         ]
@@ -1570,7 +1421,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     val_split = load_split(info.root, "val", eval_size, workers, settings.progress)
     seg_classes = NUM_SHAPE_CLASSES + 1
-    bank = build_memory_bank(
+    bank = label_bank(
         train_split.masks,
         config.model.patch_size,
         seg_classes,
@@ -1596,14 +1447,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     rasa["predictor_r2_first"] = rasa_result.metrics[0]["predictor_r2"]
     rasa["predictor_r2_last"] = rasa_result.metrics[-1]["predictor_r2"]
     hummingbird_rasa = run_hummingbird(
-        trained_train.patch,
-        bank,
-        trained_val.patch,
-        val_split.masks,
-        settings.eval,
-        device,
-        seg_classes,
-        projection=rasa_result.matrix,
+        trained_train.patch, trained_val.patch, data, settings.eval, device, projection=rasa_result.matrix
     )
     log(
         f"evaluate[trained]: RASA position R^2 {rasa['position_r2_before']:.3f} -> {rasa['position_r2_after']:.3f}, "

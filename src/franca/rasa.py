@@ -25,26 +25,49 @@ predictors' falling MSE shows) but a linear read-out can still recover it. ``ort
 components along directions already removed before each removal, so each step removes two new dimensions and L is
 the orthogonal projector of rank D-2T; the stored head keeps the official format and layout.
 
-The removal maps and the official head files (read, write, fold) live in :mod:`franca.models.rasa`, beside the
-backbone that applies them; this module trains the steps.
+RASA is a post-training step over features: :func:`train_rasa` takes patch features (a
+:class:`franca.features.Features`, a tensor [M, N, D] with its grid, or batches of them) or, with a backbone, a
+loader of images whose patch tokens :mod:`franca.features` extracts (fp32, no autocast). The removal maps and the
+official head files (read, write, fold) live in :mod:`franca.models.rasa`, beside the backbone that applies them; this
+module trains the steps, and builds the loaders and writes the files of a run on image files (``franca rasa``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError
-from franca.models.rasa import fold_rasa, position_targets, removal_basis
+from franca.core.io import atomic_write_text
+from franca.core.progress import ProgressBar
+from franca.core.runtime import resolve_device
+from franca.data.images import ImageFileDataset, SkipCounter, collate_skip_none
+from franca.features import Features, extract_features, iterate_features
+from franca.models.checkpoints import save_backbone
+from franca.models.rasa import (
+    complement_projector,
+    fold_rasa,
+    position_targets,
+    removal_basis,
+    remove_directions,
+    save_rasa_head,
+)
+from franca.models.vision_transformer import DinoVisionTransformer
+
+logger = logging.getLogger(__name__)
 
 # The official RASA training transform normalises with std (0.229, 0.224, 0.255), a typo for ImageNet's 0.225
 # (its own validation transform uses 0.225). We use the correct value, IMAGENET_STD.
@@ -53,7 +76,6 @@ from franca.models.rasa import fold_rasa, position_targets, removal_basis
 _RIDGE = 1e-10
 
 Grid = tuple[int, int]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentations
@@ -116,35 +138,16 @@ def _square_grid(num_tokens: int) -> Grid:
     return side, side
 
 
-def _images_of(batch: Any) -> tuple[Tensor | None, int]:
-    """The image tensor [B, 3, H, W] of a loader batch and how many unreadable samples it dropped.
-
-    Accepts a tensor, a :class:`franca.data.images.Batch` (from ``collate_skip_none``), a tuple/list led by the
-    images, or a dict with an ``image``/``images`` entry; an empty batch gives ``(None, skipped)``.
-    """
-    skipped = 0
-    if hasattr(batch, "inputs") and hasattr(batch, "num_skipped"):
-        batch, skipped = batch.inputs, int(batch.num_skipped)
-    if isinstance(batch, Mapping):
-        batch = batch.get("image", batch.get("images"))
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0] if batch else None
-    if batch is None or (isinstance(batch, Tensor) and batch.shape[0] == 0):
-        return None, skipped
-    if not isinstance(batch, Tensor) or batch.ndim != 4:
-        raise DataError(
-            "RASA needs a loader of image batches [B, 3, H, W] (or tuples/dicts whose first entry is one)"
-        )
-    return batch, skipped
-
-
 class _FeatureSource:
     """Patch features [B, N, D] with their grid, with all removal steps so far applied."""
 
     num_items: int
     dim: int
-    skipped: int = 0  # unreadable images dropped while caching
-    stream: _ImageFeatureStream | None = None  # the image pass of a streamed source, for its skip counts
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images dropped while extracting the features (the last complete pass when streamed)."""
+        return 0
 
     def num_batches(self, batch_size: int) -> int:
         raise NotImplementedError
@@ -162,10 +165,15 @@ class _FeatureSource:
 class _CachedFeatures(_FeatureSource):
     """Features held in CPU memory [M, N, D]; removals are applied to them in place (the iterative path)."""
 
-    def __init__(self, features: Tensor, grid: Grid) -> None:
+    def __init__(self, features: Tensor, grid: Grid, skipped: int = 0) -> None:
         self.features = features
         self.grid = grid
         self.num_items, self.dim = features.shape[0], features.shape[-1]
+        self._skipped = skipped
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(self.num_items / batch_size)
@@ -186,7 +194,7 @@ class _CachedFeatures(_FeatureSource):
         basis = basis.to("cpu", self.features.dtype)
         for start in range(0, self.num_items, 256):
             chunk = self.features[start : start + 256]
-            chunk -= (chunk @ basis.T) @ basis
+            chunk.copy_(remove_directions(chunk, basis))
 
 
 class _StreamedFeatures(_FeatureSource):
@@ -200,6 +208,10 @@ class _StreamedFeatures(_FeatureSource):
         self._num_batches = num_batches
         self.matrix = torch.eye(dim, dtype=torch.float64)
 
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.produce, "skipped", 0))
+
     def num_batches(self, batch_size: int) -> int:
         return self._num_batches
 
@@ -211,46 +223,85 @@ class _StreamedFeatures(_FeatureSource):
             yield features.to(device, torch.float32) @ matrix.T, grid
 
     def remove(self, basis: Tensor) -> None:
-        basis = basis.to("cpu", torch.float64)
-        self.matrix = (torch.eye(self.dim, dtype=torch.float64) - basis.T @ basis) @ self.matrix
+        self.matrix = complement_projector(basis.to("cpu", torch.float64)) @ self.matrix
 
 
-class _ImageFeatureStream:
-    """Runs one pass of an image loader through the frozen backbone per call, yielding (patch tokens, grid).
-
-    ``loaded``/``skipped`` count the images of the last complete pass (unreadable files are dropped by the loader's
-    ``collate_skip_none`` and counted here).
-    """
+class _ImagePasses:
+    """One pass of an image loader through the frozen backbone per call (fp32, no autocast), yielding the patch
+    tokens [B, h*w, D] of each batch with their grid (h, w); ``skipped`` counts the unreadable images of the last
+    complete pass."""
 
     def __init__(
         self, model: nn.Module, loader: Iterable[Any], device: torch.device, desc: str, progress: bool
     ) -> None:
         self.model, self.loader, self.device, self.desc, self.progress = model, loader, device, desc, progress
-        self.patch_size = int(model.patch_size)
-        self.loaded = self.skipped = 0
+        self.skipped = 0
 
     def __call__(self) -> Iterator[tuple[Tensor, Grid]]:
-        from franca.core.progress import ProgressBar
-
-        total = len(self.loader) if hasattr(self.loader, "__len__") else None
-        loaded = skipped = 0
-        bar = ProgressBar(
-            self.loader, total=total, desc=self.desc, unit="batch", disable=not self.progress, leave=False
+        counter = SkipCounter()
+        stream = iterate_features(
+            self.model,
+            self.loader,
+            ("patch",),
+            self.device,
+            autocast=False,
+            counter=counter,
+            desc=self.desc,
+            progress=self.progress,
         )
-        for batch in bar:
-            images, dropped = _images_of(batch)
-            skipped += dropped
-            if images is None:
-                continue
-            loaded += images.shape[0]
-            with torch.no_grad():
-                out = self.model.forward_features(images.to(self.device, non_blocking=True))
-            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-            yield out["x_norm_patchtokens"].float(), grid
-        self.loaded, self.skipped = loaded, skipped
+        for tokens, _ in stream:
+            patch = tokens["patch"]  # [B, h, w, D]
+            yield patch.flatten(1, 2), (int(patch.shape[1]), int(patch.shape[2]))
+        self.skipped = counter.num_skipped
+
+
+def _from_features(features: Features, grid: Grid | None, what: str, copy: bool) -> _CachedFeatures:
+    """The patch tokens of ``features`` [M, h, w, D] as a cache [M, h*w, D] (a copy when ``copy``: removals are
+    applied in place)."""
+    patch = features["patch"]
+    if grid is not None and tuple(grid) != features.grid:
+        raise ConfigError(f"{what}: grid={tuple(grid)} but the features' patch grid is {features.grid}")
+    patch = patch.detach().to("cpu", torch.float32).flatten(1, 2)
+    return _CachedFeatures(patch.clone() if copy else patch, features.grid, skipped=features.num_skipped)
+
+
+def _image_source(
+    model: nn.Module,
+    loader: Any,
+    *,
+    cache: bool,
+    device: torch.device,
+    batch_size: int,
+    what: str,
+    progress: bool,
+) -> _FeatureSource:
+    """The patch tokens of a loader of images: extracted once (``cache``) or afresh on every pass."""
+    desc = f"RASA features ({what})"
+    if cache:
+        features = extract_features(
+            model, loader, ("patch",), device, autocast=False, desc=desc, progress=progress
+        )
+        return _from_features(features, None, what, copy=False)
+    if not hasattr(loader, "__len__"):
+        raise ConfigError(
+            f"{what}: streaming features (no cache) needs a loader with a length, e.g. a DataLoader"
+        )
+    num_items = len(loader.dataset) if hasattr(loader, "dataset") else len(loader) * batch_size
+    return _StreamedFeatures(
+        _ImagePasses(model, loader, device, desc, progress), num_items, len(loader), int(model.embed_dim)
+    )
+
+
+def _with_grid(features: Any, grid: Grid | None, what: str) -> tuple[Tensor, Grid]:
+    """A feature batch [B, N, D] with its grid (``grid``, else square); DataError for anything else."""
+    if not isinstance(features, Tensor) or features.ndim != 3:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise DataError(f"{what}: feature batches must be tensors [B, N, D], got {shape}")
+    return features, grid or _square_grid(features.shape[1])
 
 
 def _cache(stream: Iterable[tuple[Tensor, Grid]], what: str) -> _CachedFeatures:
+    """Feature batches [B, N, D] with their grids, concatenated on the CPU; DataError when the grids differ."""
     chunks: list[Tensor] = []
     grid: Grid | None = None
     for features, batch_grid in stream:
@@ -265,49 +316,23 @@ def _cache(stream: Iterable[tuple[Tensor, Grid]], what: str) -> _CachedFeatures:
     return _CachedFeatures(torch.cat(chunks), grid)
 
 
-def _feature_source(
-    model: nn.Module | None,
-    data: Any,
-    *,
-    grid: Grid | None,
-    cache: bool,
-    device: torch.device,
-    batch_size: int,
-    what: str,
-    progress: bool,
-) -> _FeatureSource:
-    """Wrap images (with a model) or precomputed features (without) as a cached or streamed feature source."""
-    if model is not None:
-        produce = _ImageFeatureStream(model, data, device, f"RASA features ({what})", progress)
-        if cache:
-            source = _cache(produce(), what)
-            source.skipped = produce.skipped
-            return source
-        if not hasattr(data, "__len__"):
-            raise ConfigError(
-                f"{what}: streaming features (no cache) needs a loader with a length, e.g. a DataLoader"
-            )
-        num_items = len(data.dataset) if hasattr(data, "dataset") else len(data) * batch_size
-        source = _StreamedFeatures(produce, num_items, len(data), int(model.embed_dim))
-        source.stream = produce
-        return source
+def _given_source(data: Any, *, grid: Grid | None, cache: bool, what: str) -> _FeatureSource:
+    """Precomputed patch features: a :class:`Features`, a tensor [M, N, D] or an iterable of batches [B, N, D].
 
-    def with_grid(features: Tensor) -> tuple[Tensor, Grid]:
-        if not isinstance(features, Tensor) or features.ndim != 3:
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise DataError(f"{what}: feature batches must be tensors [B, N, D], got {shape}")
-        return features, grid or _square_grid(features.shape[1])
-
+    A :class:`Features` or a tensor is copied into a cache; batches are cached, or kept and replayed on every pass.
+    """
+    if isinstance(data, Features):
+        return _from_features(data, grid, what, copy=True)
     if isinstance(data, Tensor):
-        features, feature_grid = with_grid(data)
+        features, feature_grid = _with_grid(data, grid, what)
         return _CachedFeatures(features.detach().to("cpu", torch.float32).clone(), feature_grid)
     if cache:
-        return _cache((with_grid(f) for f in data), what)
+        return _cache((_with_grid(f, grid, what) for f in data), what)
     if iter(data) is data or not hasattr(data, "__len__") or len(data) == 0:
         raise ConfigError(
             f"{what}: streaming features (no cache) needs a non-empty list of [B, N, D] batches"
         )
-    batches = [with_grid(f) for f in data]
+    batches = [_with_grid(f, grid, what) for f in data]
     return _StreamedFeatures(
         lambda: iter(batches), sum(f.shape[0] for f, _ in batches), len(batches), batches[0][0].shape[-1]
     )
@@ -486,35 +511,189 @@ class _Recipe:
     cache_features: bool
     orthogonal_steps: bool
 
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.epochs_per_iteration < 1:
+            raise ConfigError("RASA needs iterations >= 1 and epochs per iteration >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"RASA learning rate must be positive, got {self.lr}")
 
-def _resolve_device(device: torch.device | str | None, model: nn.Module | None) -> torch.device:
-    if device is None or device == "auto":
-        if model is not None:
-            return next(model.parameters()).device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+
+class _PositionTargets(dict):
+    """{grid (h, w): :func:`position_targets` [h*w, 2] on ``device``}, each computed on first use."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __missing__(self, grid: Grid) -> Tensor:
+        self[grid] = position_targets(*grid, device=self.device)
+        return self[grid]
+
+
+def _device(device: torch.device | str | None, model: nn.Module | None) -> torch.device:
+    """``device``; for None or ``auto`` the model's device, or without a model CUDA when available."""
+    if (device is None or device == "auto") and model is not None:
+        return next(model.parameters()).device
+    return resolve_device(device)
+
+
+def _sources(
+    model: nn.Module | None,
+    data: Any,
+    eval_data: Any,
+    grid: Grid | None,
+    recipe: _Recipe,
+    device: torch.device,
+    progress: bool,
+) -> tuple[_FeatureSource, _FeatureSource]:
+    """The training features and those the metrics are measured on (the training ones without ``eval_data``)."""
+    if model is not None:
+        model.eval().requires_grad_(False).to(device)
+
+    def source(items: Any, what: str) -> _FeatureSource:
+        if model is None:
+            return _given_source(items, grid=grid, cache=recipe.cache_features, what=what)
+        return _image_source(
+            model,
+            items,
+            cache=recipe.cache_features,
+            device=device,
+            batch_size=recipe.batch_size,
+            what=what,
+            progress=progress,
+        )
+
+    train = source(data, "training data")
+    return train, (source(eval_data, "held-out data") if eval_data is not None else train)
 
 
 def _evaluate(
     source: _FeatureSource,
     batch_size: int,
     device: torch.device,
-    dim: int,
-    weight: Tensor | None,
-    basis: Tensor | None,
+    weight: Tensor | None = None,
+    basis: Tensor | None = None,
 ) -> _Evaluator:
     """One pass over ``source``: the predictor ``weight`` on the current features, the fit after removing ``basis``."""
-    evaluator = _Evaluator(dim, device)
-    targets_by_grid: dict[Grid, Tensor] = {}
+    evaluator = _Evaluator(source.dim, device)
+    targets = _PositionTargets(device)
     with torch.no_grad():
         for z, grid in source.batches(batch_size, None, device):
-            if grid not in targets_by_grid:
-                targets_by_grid[grid] = position_targets(*grid, device=device)
-            targets = targets_by_grid[grid]
             prediction = torch.sigmoid(z @ weight.T) if weight is not None else None
-            z_after = z if basis is None else z - (z @ basis.T) @ basis
-            evaluator.add(z_after, targets, prediction)
+            z_after = z if basis is None else remove_directions(z, basis)
+            evaluator.add(z_after, targets[grid], prediction)
     return evaluator
+
+
+def _train_epoch(
+    predictor: nn.Linear,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[tuple[Tensor, Grid]],
+    targets: _PositionTargets,
+    bar: ProgressBar,
+) -> float:
+    """One epoch of MSE(sigmoid(W z), y) over ``batches``, a scheduler step per batch; the mean loss per image."""
+    loss_sum, loss_items = 0.0, 0
+    for z, grid in batches:
+        loss = F.mse_loss(torch.sigmoid(predictor(z)), targets[grid].expand(z.shape[0], -1, -1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * z.shape[0]
+        loss_items += z.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / loss_items:.5f}")
+    return loss_sum / max(loss_items, 1)
+
+
+def _fit_predictor(
+    source: _FeatureSource,
+    recipe: _Recipe,
+    device: torch.device,
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> tuple[Tensor, float]:
+    """Train a fresh bias-free ``nn.Linear(D, 2)`` (AdamW, cosine LR to 0 per step) to regress the patch positions.
+
+    Returns its weight [2, D] and the mean loss of its last epoch.
+    """
+    predictor = nn.Linear(source.dim, 2, bias=False).to(device)
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    total_steps = source.num_batches(recipe.batch_size) * recipe.epochs_per_iteration
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1), eta_min=0.0)
+    targets = _PositionTargets(device)
+    bar = ProgressBar(total=total_steps, desc=desc, unit="step", disable=not progress, leave=False)
+    loss = 0.0
+    for _ in range(recipe.epochs_per_iteration):
+        batches = source.batches(recipe.batch_size, generator, device)
+        loss = _train_epoch(predictor, optimizer, scheduler, batches, targets, bar)
+    bar.close()
+    return predictor.weight.detach().clone(), loss
+
+
+def _step_weight(weight: Tensor, removed: Tensor | None, orthogonal: bool) -> Tensor:
+    """The weight [2, D] a step removes: ``weight``, or for orthogonal steps its rows without their components along
+    the directions already removed (``removed`` [k, D] float64; what is left there is the untrained init)."""
+    if not orthogonal or removed is None:
+        return weight
+    return remove_directions(weight.double().cpu(), removed).float().to(weight.device)
+
+
+def _iteration(
+    index: int,
+    train: _FeatureSource,
+    metric_source: _FeatureSource,
+    recipe: _Recipe,
+    device: torch.device,
+    generator: torch.Generator,
+    removed: Tensor | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Iteration ``index``: fit a predictor, make it a removal step, measure it, apply it to the features.
+
+    Returns the step's weight [2, D] (CPU), its orthonormal basis [k, D] (float64, CPU) and its metrics.
+    """
+    started = time.perf_counter()
+    desc = f"RASA iteration {index + 1}/{recipe.iterations}"
+    weight, loss = _fit_predictor(train, recipe, device, generator, desc, progress)
+    step_weight = _step_weight(weight, removed, recipe.orthogonal_steps)
+    basis = removal_basis(step_weight)
+    evaluator = _evaluate(metric_source, recipe.batch_size, device, weight, basis.to(device, torch.float32))
+    train.remove(basis)
+    if metric_source is not train:
+        metric_source.remove(basis)
+    entry = {
+        "iteration": index + 1,
+        "removed_steps": index + 1,
+        "train_loss": loss,
+        **evaluator.predictor(),
+        **evaluator.linear(),
+        "seconds": time.perf_counter() - started,
+    }
+    if progress:
+        logger.info(
+            "%s: loss %.5f, predictor R^2 %.4f, position R^2 left %.4f",
+            desc,
+            loss,
+            entry["predictor_r2"],
+            entry["linear_r2"],
+        )
+    return step_weight.cpu(), basis, entry
+
+
+def _settings(recipe: _Recipe, train: _FeatureSource, metric_source: _FeatureSource) -> dict[str, Any]:
+    return {
+        **asdict(recipe),
+        "metrics_on": "training data" if metric_source is train else "held-out data",
+        "linear_fit": "least squares with bias, 2-fold cross-validated over images, ridge 1e-10 x mean variance",
+        "train_items": train.num_items,
+        "skipped_images": train.skipped,
+        "metric_items": metric_source.num_items,
+        "embed_dim": train.dim,
+    }
 
 
 def train_rasa(
@@ -534,20 +713,23 @@ def train_rasa(
     seed: int | None = None,
     progress: bool = True,
 ) -> RasaResult:
-    """Train a T-step RASA head on a frozen backbone (or on given patch features); returns a :class:`RasaResult`.
+    """Train a T-step RASA head on patch features of a frozen backbone; returns a :class:`RasaResult`.
 
     Inputs:
 
+    - with ``model=None``, ``data`` holds the features: a :class:`franca.features.Features` with ``patch`` tokens
+      [M, h, w, D], a tensor [M, N, D] on the grid ``grid`` (default: square), or an iterable of such batches
+      [B, N, D];
     - with a ``model`` (a :class:`DinoVisionTransformer`, frozen and put in eval mode here), ``data`` is a loader of
-      augmented image batches [B, 3, H, W] (e.g. :func:`rasa_transform` images; tuples/dicts led by the images are
-      fine) and the features are its final-norm patch tokens ``x_norm_patchtokens`` [B, N, D] on grid (H/p, W/p);
-    - with ``model=None``, ``data`` is a feature tensor [M, N, D] or an iterable of feature batches [B, N, D] on the
-      grid ``grid`` (default: square).
+      augmented image batches [B, 3, H, W] (e.g. :func:`rasa_transform` images; ``(images, targets)`` pairs,
+      franca ``Batch`` objects and ``{"image": ...}`` dicts are fine) whose final-norm patch tokens are extracted
+      with :func:`franca.features.extract_features` (fp32, no autocast), on grid (H/p, W/p).
 
     ``cache_features=True`` (default, the fast choice on CPU) extracts features once and trains every epoch and
     iteration on that single augmented view, applying each removal to the cache in place; memory is M x N x D floats.
-    ``cache_features=False`` re-runs the loader (and so re-augments, as the paper does) every epoch and applies the
-    removals as the folded matrix. The batch size is ``batch_size``, else the loader's, else 128.
+    ``cache_features=False`` re-runs the loader (and so re-augments, as the paper does) every epoch through
+    :func:`franca.features.iterate_features` and applies the removals as the folded matrix. The batch size is
+    ``batch_size``, else the loader's, else 128.
 
     Each iteration trains a fresh bias-free ``nn.Linear(D, 2)`` (default init) with AdamW (``weight_decay``, paper:
     0), LR ``lr`` on a per-step cosine schedule to 0, loss MSE(sigmoid(W z), y), then appends it as a removal step.
@@ -561,19 +743,9 @@ def train_rasa(
     ``predictor_mse`` of the new predictor on the features it was trained on (removals 0..t-1 applied) and
     ``linear_r2``/``linear_mse`` of a fresh closed-form least-squares fit with bias (2-fold cross-validated over
     images) from the features after removals 0..t to the positions, i.e. how much linearly decodable absolute
-    position is left. MSEs are per coordinate, as the training loss.
+    position is left. MSEs are per coordinate, as the training loss. With ``progress``, progress bars show and each
+    iteration logs one line.
     """
-    from franca.core.progress import ProgressBar
-
-    if iterations < 1 or epochs_per_iteration < 1:
-        raise ConfigError("RASA needs iterations >= 1 and epochs per iteration >= 1")
-    if lr <= 0:
-        raise ConfigError(f"RASA learning rate must be positive, got {lr}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = _resolve_device(device, model)
-    if model is not None:
-        model.eval().requires_grad_(False).to(device)
     recipe = _Recipe(
         iterations,
         epochs_per_iteration,
@@ -583,96 +755,105 @@ def train_rasa(
         cache_features,
         orthogonal_steps,
     )
-    common = {"grid": grid, "cache": cache_features, "device": device, "batch_size": recipe.batch_size}
-    train = _feature_source(model, data, what="training data", progress=progress, **common)
-    heldout = eval_data is not None
-    metric_source = (
-        _feature_source(model, eval_data, what="held-out data", progress=progress, **common)
-        if heldout
-        else train
-    )
-    dim = train.dim
-
-    baseline = _evaluate(metric_source, recipe.batch_size, device, dim, None, None).linear()
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = _device(device, model)
+    train, metric_source = _sources(model, data, eval_data, grid, recipe, device, progress)
+    baseline = _evaluate(metric_source, recipe.batch_size, device).linear()
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+    if progress:
+        logger.info("RASA: before removal, closed-form position R^2 %.4f", baseline["linear_r2"])
     weights: list[Tensor] = []
     metrics: list[dict[str, float]] = []
     removed: Tensor | None = None  # float64 [k, D]: bases of the removal steps so far
-    steps_per_epoch = train.num_batches(recipe.batch_size)
-    if progress:
-        ProgressBar.write(f"RASA: before removal, closed-form position R^2 {baseline['linear_r2']:.4f}")
-    for iteration in range(iterations):
-        started = time.perf_counter()
-        predictor = nn.Linear(dim, 2, bias=False).to(device)
-        optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=weight_decay)
-        total_steps = steps_per_epoch * epochs_per_iteration
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(total_steps, 1), eta_min=0.0
+    for index in range(recipe.iterations):
+        weight, basis, entry = _iteration(
+            index, train, metric_source, recipe, device, generator, removed, progress
         )
-        targets_by_grid: dict[Grid, Tensor] = {}
-        bar = ProgressBar(
-            total=total_steps,
-            desc=f"RASA iteration {iteration + 1}/{iterations}",
-            unit="step",
-            disable=not progress,
-            leave=False,
-        )
-        epoch_loss = 0.0
-        for _ in range(epochs_per_iteration):
-            loss_sum, loss_items = 0.0, 0
-            for z, batch_grid in train.batches(recipe.batch_size, generator, device):
-                if batch_grid not in targets_by_grid:
-                    targets_by_grid[batch_grid] = position_targets(*batch_grid, device=device)
-                targets = targets_by_grid[batch_grid]
-                loss = F.mse_loss(torch.sigmoid(predictor(z)), targets.expand(z.shape[0], -1, -1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += float(loss.detach()) * z.shape[0]
-                loss_items += z.shape[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / loss_items:.5f}")
-            epoch_loss = loss_sum / max(loss_items, 1)
-        bar.close()
-        weight = predictor.weight.detach().clone()
-        step_weight = weight
-        if orthogonal_steps and removed is not None:
-            # drop the rows' components along directions already removed (the untrained remains of the init)
-            w64 = weight.double().cpu()
-            step_weight = (w64 - (w64 @ removed.T) @ removed).float().to(weight.device)
-        basis = removal_basis(step_weight)  # float64 [2, D]
         removed = basis if removed is None else torch.cat([removed, basis])
-        evaluator = _evaluate(
-            metric_source, recipe.batch_size, device, dim, weight, basis.to(device, torch.float32)
-        )
-        train.remove(basis)
-        if metric_source is not train:
-            metric_source.remove(basis)
-        weights.append(step_weight.cpu())
-        entry = {
-            "iteration": iteration + 1,
-            "removed_steps": iteration + 1,
-            "train_loss": epoch_loss,
-            **evaluator.predictor(),
-            **evaluator.linear(),
-            "seconds": time.perf_counter() - started,
-        }
+        weights.append(weight)
         metrics.append(entry)
-        if progress:
-            ProgressBar.write(
-                f"RASA iteration {iteration + 1}/{iterations}: loss {epoch_loss:.5f}, predictor R^2 "
-                f"{entry['predictor_r2']:.4f}, position R^2 left {entry['linear_r2']:.4f}"
-            )
-    settings = {
-        **asdict(recipe),
-        "metrics_on": "held-out data" if heldout else "training data",
-        "linear_fit": "least squares with bias, 2-fold cross-validated over images, ridge 1e-10 x mean variance",
-        "train_items": train.num_items,
-        "skipped_images": train.stream.skipped if train.stream is not None else train.skipped,
-        "metric_items": metric_source.num_items,
-        "embed_dim": dim,
-    }
     return RasaResult(
-        weights=weights, matrix=fold_rasa(weights), metrics=metrics, baseline=baseline, settings=settings
+        weights=weights,
+        matrix=fold_rasa(weights),
+        metrics=metrics,
+        baseline=baseline,
+        settings=_settings(recipe, train, metric_source),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs on image files (``franca rasa``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RasaFiles(NamedTuple):
+    """The files :func:`save_rasa_outputs` wrote."""
+
+    head: Path  # the official head layout (franca.models.rasa.save_rasa_head)
+    metrics: Path  # RasaResult.to_dict() with the run's settings, as JSON
+    backbone: Path  # the backbone with the folded RASA matrix attached (franca.load_backbone)
+
+
+def rasa_loaders(
+    train_paths: Sequence[Path],
+    heldout_paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader | None]:
+    """Loaders of RASA training images (:func:`rasa_transform`, shuffled with ``seed``) and held-out images
+    (:func:`rasa_eval_transform`, in order; None without held-out paths), [B, 3, size, size] per batch.
+
+    Unreadable files are dropped by ``collate_skip_none`` and counted where the features are extracted.
+    """
+    loader = DataLoader(
+        ImageFileDataset(list(train_paths), rasa_transform(size)),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory,
+    )
+    if not heldout_paths:
+        return loader, None
+    eval_loader = DataLoader(
+        ImageFileDataset(list(heldout_paths), rasa_eval_transform(size)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=pin_memory,
+    )
+    return loader, eval_loader
+
+
+def save_rasa_outputs(
+    result: RasaResult,
+    model: DinoVisionTransformer,
+    output_dir: str | os.PathLike,
+    settings: Mapping[str, Any],
+    source: str | os.PathLike,
+) -> RasaFiles:
+    """Write ``output_dir/rasa_head.pth``, ``rasa_metrics.json`` and ``backbone_rasa.safetensors``.
+
+    The metrics file is :meth:`RasaResult.to_dict` with ``settings`` (the run's data, size, seed...) added to its
+    settings. The folded matrix is attached to ``model`` (:meth:`set_rasa`, replacing any there) and ``model`` moved
+    to the CPU to be saved with ``source`` (the backbone checkpoint) in its metadata.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    head = save_rasa_head(result.weights, output_dir / "rasa_head.pth")
+    summary = result.to_dict()
+    summary["settings"].update(settings)
+    metrics = atomic_write_text(output_dir / "rasa_metrics.json", json.dumps(summary, indent=2) + "\n")
+    model.set_rasa(result.matrix)
+    backbone = save_backbone(
+        model.cpu(),
+        output_dir / "backbone_rasa.safetensors",
+        metadata={"rasa_iterations": str(len(result.weights)), "rasa_source": str(source)},
+    )
+    return RasaFiles(head, metrics, backbone)

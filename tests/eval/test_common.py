@@ -1,19 +1,32 @@
-"""The evaluation library's shared plumbing: result files, tables, and no argument parsing or printing in franca.eval."""
+"""The evaluation library's shared plumbing: result files, tables, data sets, features and labels of a split, their
+provenance, and no argument parsing or printing in franca.eval."""
 
 from __future__ import annotations
 
 import ast
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import franca.eval
-from franca.core.errors import ConfigError
+from franca.core.errors import ConfigError, DataError
 from franca.core.io import ensure_output_dir
-from franca.eval.common import flatten_scalars, write_results
+from franca.eval.common import (
+    Provenance,
+    classification_datasets,
+    count_classes,
+    dataset_classes,
+    feature_rows,
+    flatten_scalars,
+    provenance_dict,
+    split_features,
+    write_results,
+)
 from franca.eval.output import format_table
+from franca.features import Features
 
 EVAL_SOURCES = sorted(Path(franca.eval.__file__).parent.glob("*.py"))
 
@@ -84,3 +97,61 @@ def test_the_defaults_and_output_modules_import_no_torch() -> None:
         "sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_feature_rows_read_tensors_or_the_named_token_of_features() -> None:
+    cls, pooled = torch.randn(4, 3), torch.randn(4, 3)
+    features = Features(targets=torch.tensor([2, 0, 1, 2]), cls=cls, pooled=pooled, num_skipped=1)
+    rows, labels = feature_rows(features, None, "avgpool", "train")
+    assert rows is pooled and labels.tolist() == [2, 0, 1, 2] and labels.dtype == torch.int64
+    rows, labels = feature_rows(features, [1, 1, 1, 1], "cls", "train")  # given labels win
+    assert rows is cls and labels.tolist() == [1, 1, 1, 1]
+    rows, labels = feature_rows(cls, torch.tensor([0, 1, 0, 1], dtype=torch.int32), "cls", "val")
+    assert rows is cls and labels.dtype == torch.int64
+    with pytest.raises(ConfigError, match="the val labels are missing"):
+        feature_rows(cls, None, "cls", "val")
+    with pytest.raises(DataError, match="train features \\(4, 3\\) do not match their 3 labels"):
+        feature_rows(cls, [0, 1, 0], "cls", "train")
+    with pytest.raises(ConfigError, match="no 'patch'"):
+        feature_rows(features, None, "patch", "train")
+
+
+def test_class_counts_and_provenance() -> None:
+    assert count_classes(torch.tensor([0, 4, 1]), torch.tensor([2, 6])) == 7
+    assert (
+        dataset_classes(types.SimpleNamespace(classes=["a", "b", "c"])) == 3
+        and dataset_classes(object()) is None
+    )
+    train = Features(targets=torch.zeros(2), cls=torch.zeros(2, 1), num_skipped=3)
+    val = Features(targets=torch.zeros(1), cls=torch.zeros(1, 1))
+    assert Provenance.of("cls", train, val) == Provenance("cls", 3, 0)
+    assert Provenance.of("cls", train.cls, val) is None and provenance_dict(None) == {}
+    assert Provenance("cls", 3, 0).to_dict() == {"feature": "cls", "skipped_train": 3, "skipped_val": 0}
+    assert Provenance(None, 1, 2).to_dict() == {"skipped_train": 1, "skipped_val": 2}
+
+
+def test_split_features_extract_each_split_with_its_labels() -> None:
+    from franca.models import vit_tiny
+
+    model = vit_tiny(patch_size=8, img_size=16).eval()
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    train_set = torch.utils.data.TensorDataset(images[:3], torch.tensor([1, 0, 1]))
+    val_set = torch.utils.data.TensorDataset(images[3:], torch.tensor([0, 0]))
+    train, val = split_features(model, train_set, val_set, ("cls",), batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = model.forward_features(images)["x_norm_clstoken"]
+    assert torch.allclose(torch.cat([train.cls, val.cls]), expected, atol=1e-5)
+    assert train.targets.tolist() == [1, 0, 1] and val.targets.tolist() == [0, 0]
+
+
+def test_classification_datasets_need_the_same_class_folders(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, names in (("train", ("cat", "dog")), ("val", ("cat", "cow"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    with pytest.raises(ConfigError, match=r"val: its class folders differ .*\['cow'\]"):
+        classification_datasets(str(tmp_path / "train"), str(tmp_path / "val"), 16)
+    train, val = classification_datasets(str(tmp_path / "train"), str(tmp_path / "train"), 16)
+    assert list(train.classes) == ["cat", "dog"] and len(val) == 2

@@ -55,6 +55,11 @@ def run_protocol(workspace, protocol, *extra):
 
 def test_knn_cli(workspace, capsys):
     metrics, _ = run_protocol(workspace, "knn", "--ks", "3", "20")
+    assert list(metrics) == [
+        *("k3", "k20", "num_train", "num_test", "num_classes", "feature_dim", "temperature", "backend"),
+        *("feature", "skipped_train", "skipped_val"),
+    ]
+    assert metrics["feature"] == "cls" and metrics["temperature"] == 0.07 and metrics["num_classes"] == 3
     assert set(metrics["k3"]) == {"top1", "top5", "k"} and metrics["k20"]["k"] == 18
     assert 0.0 <= metrics["k3"]["top1"] <= metrics["k3"]["top5"] <= 100.0
     assert (
@@ -73,6 +78,12 @@ def test_knn_cli(workspace, capsys):
 def test_sliced_knn_cli(workspace):
     metrics, output = run_protocol(workspace, "sliced-knn", "--dims", "12", "48", "192", "--ks", "3")
     assert metrics["dims"] == [12, 48, 192]
+    assert list(metrics) == [
+        *("dims", "feature_dim", "ks", "sliced", "pca", "pca_explained_variance"),
+        *("skipped_train", "skipped_val", "plot"),
+    ]
+    assert metrics["ks"] == [3] and set(metrics["sliced"]["12"]) >= {"k3", "num_train", "backend"}
+    assert metrics["pca_explained_variance"]["192"] == pytest.approx(1.0)
     assert set(metrics["sliced"]) == {"12", "48", "192"} and set(metrics["pca"]) == {"12", "48", "192"}
     assert (output / "sliced-knn.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -96,6 +107,20 @@ def test_linear_cli(workspace):
     )
     assert metrics["best"]["feature_set"] in ("cls1", "cls2+avgpool") and metrics["best"]["lr"] in (0.01, 0.1)
     assert len(metrics["heads"]) == 4 and metrics["num_holdout"] == 3 and metrics["num_train"] == 15
+    assert list(metrics) == [
+        *("top1", "top5", "best", "selected_on", "heads", "num_train", "num_holdout", "num_val"),
+        *("num_classes", "epochs", "batch_size", "augment", "skipped_train", "skipped_val"),
+    ]
+    assert list(metrics["heads"][0]) == [
+        *("name", "feature_set", "lr", "scaled_lr", "selection_top1", "val_top1", "val_top5")
+    ]
+    assert [head["feature_set"] for head in metrics["heads"]] == [
+        "cls1",
+        "cls1",
+        "cls2+avgpool",
+        "cls2+avgpool",
+    ]
+    assert metrics["selected_on"] == "held-out 20% of train" and metrics["augment"] is False
     assert 0.0 <= metrics["top1"] <= 100.0
 
 
@@ -121,6 +146,13 @@ def test_logreg_cli(workspace):
     metrics, _ = run_protocol(workspace, "logreg", "--c-values", "3", "--max-iter", "50")
     assert any(metrics["best_C"] == pytest.approx(c) for c in (1e-6, 10**-0.5, 1e5))
     assert len(metrics["sweep"]) == 3 and metrics["skipped_train"] == 1
+    assert list(metrics) == [
+        *("top1", "top5", "mean_per_class", "best_C", "selected_on", "selection_metric", "selection_score"),
+        *("sweep", "not_converged", "normalize", "max_iter", "tol", "num_train", "num_holdout", "num_test"),
+        *("num_classes", "feature_dim", "feature", "skipped_train", "skipped_val"),
+    ]
+    assert list(metrics["sweep"][0]) == ["C", "top1", "mean_per_class", "converged"]
+    assert (metrics["max_iter"], metrics["tol"], metrics["normalize"]) == (50, 1e-12, "none")
     assert 0.0 <= metrics["top1"] <= 100.0
 
 
@@ -139,6 +171,33 @@ def test_size_not_multiple_of_patch_is_a_one_line_error(workspace, capsys):
     assert main([*argv, "--size", "30", "--device", "cpu", "--output-dir", str(root / "bad")]) == 2
     assert "multiple of the patch size 8" in capsys.readouterr().err
     assert not (root / "bad" / "knn.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "options", "message"),
+    [
+        ("knn", ["--ks", "5", "0"], "every k (--ks) must be >= 1"),
+        ("sliced-knn", ["--temperature", "0"], "temperature (--temperature) must be > 0"),
+        ("linear", ["--features", "cls1", "avgpool"], "unknown linear feature set 'avgpool'"),
+        ("linear", ["--holdout", "1.5"], "held-out fraction (--holdout) must be in [0, 1)"),
+        ("logreg", ["--cs", "1", "-2"], "C values (--cs) must be a non-empty list of positive numbers"),
+    ],
+)
+def test_bad_settings_stop_before_the_model_is_read(tmp_path, capsys, protocol, options, message):
+    """The settings are checked when built, before the (here missing) checkpoint is opened."""
+    argv = ["eval", protocol, "--checkpoint", str(tmp_path / "missing.safetensors")]
+    argv += [
+        "--train",
+        str(tmp_path),
+        "--val",
+        str(tmp_path),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *options,
+    ]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "missing.safetensors" not in error
 
 
 def test_eval_without_protocol_prints_help(capsys):

@@ -1,4 +1,5 @@
-"""k-NN protocol: known answers, a hand-computed vote, a brute-force reference, faiss vs torch, clipping."""
+"""k-NN protocol: known answers, a hand-computed vote, a brute-force reference, faiss vs torch, clipping, the
+typed settings and result, scoring Features, and the model-level entry against features computed by hand."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from franca.core.errors import ConfigError
-from franca.eval.knn import knn_classify, knn_search, knn_votes
+from franca.core.errors import ConfigError, DataError
+from franca.eval.knn import KnnSettings, evaluate_knn, knn_classify, knn_search, knn_votes, score_knn
+from franca.features import Features
 
 
 def reference_knn(train, train_labels, test, test_labels, ks, temperature, num_classes):
@@ -163,3 +165,101 @@ def test_invalid_arguments_are_reported():
         knn_classify(feats, labels, feats, labels, ks=())
     with pytest.raises(ConfigError):
         knn_classify(feats, labels, feats, labels, temperature=0.0)
+
+
+# six hand-made unit-ish train points: two per class, around 0 deg (class 0), 90 deg (class 1) and 180 deg (class 2)
+SIX = torch.tensor([[1.0, 0.0], [0.95, 0.31], [0.31, 0.95], [0.0, 1.0], [-1.0, 0.0], [-0.95, -0.31]])
+SIX_LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
+# three queries: near class 0 (label 0), near class 1 (label 1), and near class 2 but labelled 0. The third one's
+# neighbours by cosine, nearest first, are rows 4, 5 (class 2), 3, 2 (class 1), 1, 0 (class 0).
+QUERIES = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, 0.1]])
+QUERY_LABELS = torch.tensor([0, 1, 0])
+
+
+def test_score_knn_on_six_hand_made_points():
+    result = score_knn(SIX, SIX_LABELS, QUERIES, QUERY_LABELS, KnnSettings(ks=(1, 3, 10), use_faiss=False))
+    # k = 1: queries 1 and 2 hit, query 3 finds class 2 and its label 0 got no vote (no top-5 credit either)
+    assert (result.accuracy[1].top1, result.accuracy[1].top5) == pytest.approx((200 / 3, 200 / 3))
+    # k = 3: query 3's votes go to classes 2, 2, 1; label 0 still has none
+    assert (result.accuracy[3].top1, result.accuracy[3].top5) == pytest.approx((200 / 3, 200 / 3))
+    # k = 10 is clipped to the 6 train points: every class gets a vote, so with 3 classes top-5 is always a hit
+    assert result.accuracy[10].k == 6 and result.accuracy[10].top5 == 100.0
+    assert result.accuracy[10].top1 == pytest.approx(200 / 3)
+    assert (result.num_train, result.num_test, result.num_classes, result.feature_dim) == (6, 3, 3, 2)
+    assert result.provenance is None and result.backend == "torch"
+    assert result.to_dict() == {
+        "k1": {"top1": pytest.approx(200 / 3), "top5": pytest.approx(200 / 3), "k": 1},
+        "k3": {"top1": pytest.approx(200 / 3), "top5": pytest.approx(200 / 3), "k": 3},
+        "k10": {"top1": pytest.approx(200 / 3), "top5": 100.0, "k": 6},
+        "num_train": 6,
+        "num_test": 3,
+        "num_classes": 3,
+        "feature_dim": 2,
+        "temperature": 0.07,
+        "backend": "torch",
+    }
+
+
+def test_score_knn_reads_the_named_token_of_features_and_records_where_they_came_from():
+    # the CLS tokens carry no class signal (all equal), the pooled tokens are the six hand-made points
+    train = Features(targets=SIX_LABELS, cls=torch.ones(6, 2), pooled=SIX, num_skipped=2)
+    test = Features(targets=QUERY_LABELS, cls=torch.ones(3, 2), pooled=QUERIES, num_skipped=1)
+    result = score_knn(train, None, test, None, KnnSettings(ks=(1,), feature="avgpool", use_faiss=False))
+    assert result.accuracy[1].top1 == pytest.approx(200 / 3)  # as on the raw points above
+    as_dict = result.to_dict()
+    assert list(as_dict)[-3:] == ["feature", "skipped_train", "skipped_val"]
+    assert (as_dict["feature"], as_dict["skipped_train"], as_dict["skipped_val"]) == ("avgpool", 2, 1)
+    # explicit labels win over the targets: with every query labelled 2, only query 3 is right
+    relabelled = score_knn(train, None, test, torch.tensor([2, 2, 2]), KnnSettings(ks=(1,), feature="pooled"))
+    assert relabelled.accuracy[1].top1 == pytest.approx(100 / 3)
+
+
+def test_knn_settings_and_inputs_are_checked():
+    with pytest.raises(ConfigError, match="at least one k"):
+        KnnSettings(ks=())
+    with pytest.raises(ConfigError, match=r"--ks\) must be >= 1"):
+        KnnSettings(ks=(5, 0))
+    with pytest.raises(ConfigError, match="temperature"):
+        KnnSettings(temperature=-1.0)
+    with pytest.raises(ConfigError, match="train labels are missing"):
+        score_knn(SIX, None, QUERIES, QUERY_LABELS)
+    with pytest.raises(DataError, match="5 labels"):
+        score_knn(SIX, SIX_LABELS[:5], QUERIES, QUERY_LABELS)
+
+
+def lively_vit():
+    """A random vit_tiny whose layer scales are 1 (not 1e-5), so that its CLS token depends on the image."""
+    from franca.models import vit_tiny
+
+    model = vit_tiny(patch_size=8, img_size=16).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gamma"):
+                parameter.fill_(1.0)
+    return model
+
+
+def test_evaluate_knn_equals_knn_on_features_computed_by_hand():
+    model = lively_vit()
+    gen = torch.Generator().manual_seed(5)
+    train_images, val_images = (
+        torch.randn(12, 3, 16, 16, generator=gen),
+        torch.randn(5, 3, 16, 16, generator=gen),
+    )
+    train_labels, val_labels = torch.arange(12) % 3, torch.tensor([0, 1, 2, 0, 1])
+    train_set = torch.utils.data.TensorDataset(train_images, train_labels)
+    val_set = torch.utils.data.TensorDataset(val_images, val_labels)
+    with torch.no_grad():
+        train_out, val_out = model.forward_features(train_images), model.forward_features(val_images)
+    for feature, by_hand in (
+        ("cls", lambda out: out["x_norm_clstoken"]),
+        ("avgpool", lambda out: out["x_norm_patchtokens"].mean(dim=1)),
+    ):
+        settings = KnnSettings(ks=(1, 4), feature=feature)
+        result = evaluate_knn(model, train_set, val_set, settings, batch_size=5, progress=False)
+        reference = reference_knn(
+            by_hand(train_out), train_labels, by_hand(val_out), val_labels, (1, 4), 0.07, 3
+        )
+        for k in (1, 4):
+            assert (result.accuracy[k].top1, result.accuracy[k].top5) == pytest.approx(reference[k])
+        assert result.provenance.to_dict() == {"feature": feature, "skipped_train": 0, "skipped_val": 0}

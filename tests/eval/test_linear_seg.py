@@ -1,4 +1,5 @@
-"""Linear segmentation head: architecture, training on constructed features, and the model-level wrapper."""
+"""Linear segmentation head: architecture, training on constructed features, a hand-set head scored against a
+direct computation, the settings, and the model-level entry."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from franca.eval.linear_seg import LinearSegmentationHead, train_linear_head, train_linear_segmentation
-from franca.eval.segmentation_data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from franca.core.errors import ConfigError
+from franca.eval.linear_seg import (
+    LinearSegmentationHead,
+    LinearSegSettings,
+    evaluate_linear_head,
+    evaluate_linear_segmentation,
+    score_linear_seg,
+)
+from franca.eval.segmentation_data import SegmentationDataset
+from franca.features import Features
 
 PATCH = 4
 
@@ -52,38 +62,27 @@ def test_features_encoding_the_class_give_near_perfect_miou(optimizer: str, lr: 
     train_features, train_masks = constructed_split(24, num_classes=4, grid=4, seed=0)
     val_features, val_masks = constructed_split(8, num_classes=4, grid=4, seed=1)
     val_masks[:, 0, :] = 255  # ignored pixels must not count
-    result = train_linear_head(
-        train_features,
-        train_masks,
-        val_features,
-        val_masks,
-        num_classes=4,
-        epochs=15,
-        batch_size=8,
-        optimizer=optimizer,
-        lr=lr,
-        progress=False,
-    )
-    assert result["miou"] > 98.0
-    assert result["train_loss"][-1] < result["train_loss"][0]
-    assert result["per_class_iou"].shape == (4,)
+    settings = LinearSegSettings(epochs=15, batch_size=8, optimizer=optimizer, lr=lr)
+    result = score_linear_seg(train_features, train_masks, val_features, val_masks, settings, num_classes=4)
+    assert result.miou > 98.0
+    assert result.train_loss[-1] < result.train_loss[0] and len(result.train_loss) == 15
+    assert list(result.per_class_iou) == ["class_0", "class_1", "class_2", "class_3"]
+    assert (result.lr, result.optimizer, result.batch_size, result.feature_dim) == (lr, optimizer, 8, 8)
 
 
 def test_features_without_class_information_give_low_miou() -> None:
     train_features, train_masks = constructed_split(24, num_classes=4, grid=4, seed=0)
     val_features, val_masks = constructed_split(8, num_classes=4, grid=4, seed=1)
     generator = torch.Generator().manual_seed(5)
-    result = train_linear_head(
+    result = score_linear_seg(
         torch.randn(train_features.shape, generator=generator),
         train_masks,
         torch.randn(val_features.shape, generator=generator),
         val_masks,
+        LinearSegSettings(epochs=5, lr=1e-2),
         num_classes=4,
-        epochs=5,
-        lr=1e-2,
-        progress=False,
     )
-    assert result["miou"] < 50.0
+    assert result.miou < 50.0
 
 
 class GrayLevelBackbone(nn.Module):
@@ -101,10 +100,10 @@ class GrayLevelBackbone(nn.Module):
         red = x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
         labels = (F.avg_pool2d(red[:, None], PATCH)[:, 0] * 255.0 / 60).round().long().clamp(0, 3)
         tokens = F.one_hot(labels, 4).float().flatten(1, 2)
-        return {"x_norm_patchtokens": tokens}
+        return {"x_norm_patchtokens": tokens, "x_norm_clstoken": tokens.mean(dim=1)}
 
 
-def test_train_linear_segmentation_on_datasets(tmp_path: Path) -> None:
+def test_evaluate_linear_segmentation_on_datasets(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("val", 4)):
         (tmp_path / split / "images").mkdir(parents=True)
@@ -119,9 +118,61 @@ def test_train_linear_segmentation_on_datasets(tmp_path: Path) -> None:
             Image.fromarray(mask, mode="L").save(tmp_path / split / "masks" / f"{index}.png")
     train = SegmentationDataset(tmp_path, split="train", size=16, num_classes=4)
     val = SegmentationDataset(tmp_path, split="val", size=16, num_classes=4)
-    result = train_linear_segmentation(
-        GrayLevelBackbone(), train, val, epochs=20, train_batch_size=4, lr=5e-2
+    settings = LinearSegSettings(epochs=20, batch_size=4, lr=5e-2)
+    result = evaluate_linear_segmentation(GrayLevelBackbone(), train, val, settings, progress=False)
+    results = result.to_dict()
+    assert results["miou"] > 98.0 and isinstance(result.head, LinearSegmentationHead)
+    assert (
+        results["num_train_images"] == 12 and results["num_val_images"] == 4 and results["feature_dim"] == 4
     )
-    assert result["miou"] > 98.0
-    assert result["num_train_images"] == 12 and result["num_val_images"] == 4 and result["feature_dim"] == 4
-    assert set(result["per_class_iou"]) == {"class_0", "class_1", "class_2", "class_3"}
+    assert set(results["per_class_iou"]) == {"class_0", "class_1", "class_2", "class_3"}
+    assert list(results) == [
+        "miou", "per_class_iou", "pixel_accuracy", "train_loss", "optimizer", "lr", "weight_decay", "epochs",
+        "batch_size", "protocol", "num_classes", "n_last_blocks", "feature_dim", "num_train_images",
+        "num_val_images", "num_skipped_train", "num_skipped_val",
+    ]  # fmt: skip
+    assert (results["num_skipped_train"], results["num_skipped_val"], results["weight_decay"]) == (0, 0, 1e-4)
+
+
+def test_evaluate_linear_head_counts_pixels_of_a_hand_set_head() -> None:
+    """A head whose conv copies channel c into logit c (BatchNorm at identity) predicts the argmax channel: its
+    confusion matrix is the one of the argmax of the bilinearly upsampled features, computed here directly."""
+    generator = torch.Generator().manual_seed(4)
+    head = LinearSegmentationHead(embed_dim=3, num_classes=3).eval()
+    with torch.no_grad():
+        head.conv.weight.copy_(torch.eye(3)[:, :, None, None])
+    features = torch.randn(5, 2, 2, 3, generator=generator)
+    masks = torch.randint(0, 3, (5, 8, 8), generator=generator)
+    masks[0, 0] = 255
+    conf = evaluate_linear_head(head, features, masks, 3, batch_size=2)
+    upsampled = F.interpolate(features.permute(0, 3, 1, 2) / (1 + 1e-5) ** 0.5, size=(8, 8), mode="bilinear")
+    predicted, valid = upsampled.argmax(dim=1), masks != 255
+    expected = torch.zeros(3, 3, dtype=torch.long)
+    for target, prediction in zip(masks[valid].tolist(), predicted[valid].tolist()):
+        expected[target, prediction] += 1
+    assert torch.equal(conf, expected)
+
+
+def test_score_linear_seg_reads_features_and_settings_are_checked() -> None:
+    train_features, train_masks = constructed_split(12, num_classes=3, grid=4, seed=2)
+    val_features, val_masks = constructed_split(4, num_classes=3, grid=4, seed=3)
+    settings = LinearSegSettings(epochs=2, batch_size=64, optimizer="sgd")
+    train = Features(targets=train_masks.to(torch.uint8), patch=train_features, num_skipped=1)
+    val = Features(targets=val_masks.to(torch.uint8), patch=val_features, num_skipped=2)
+    from_features = score_linear_seg(train, None, val, None, settings, num_classes=3)
+    from_tensors = score_linear_seg(
+        train_features, train_masks, val_features, val_masks, settings, num_classes=3
+    )
+    assert from_features.miou == pytest.approx(from_tensors.miou)
+    assert from_features.batch_size == 12  # clipped to the train images
+    assert (from_features.lr, from_features.weight_decay) == (1e-3, 5e-4)  # the SGD defaults
+    assert (from_features.num_skipped_train, from_features.num_skipped_val) == (1, 2)
+    for changes, message in (
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--train-batch-size"),
+        ({"n_last_blocks": 0}, "--n-last-blocks"),
+        ({"tokens": "cls"}, "--tokens"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            LinearSegSettings(**changes)

@@ -1,4 +1,5 @@
-"""Overclustering: cluster-to-class matching rules, mIoU of matched clusters, k-means backends and the protocol."""
+"""Overclustering: cluster-to-class matching rules, mIoU of matched clusters, k-means backends, scoring a hand-made
+clustering, the settings and the protocol."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from franca.core.errors import ConfigError
 from franca.eval.overclustering import (
+    OverclusteringSettings,
     cluster_class_counts,
     evaluate_overclustering,
     greedy_precision_matching,
@@ -17,8 +21,10 @@ from franca.eval.overclustering import (
     kmeans_assign,
     match_clusters,
     overclustering_miou,
+    score_overclustering,
 )
-from franca.eval.segmentation_data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset
+from franca.eval.segmentation_data import SegmentationDataset
+from franca.features import Features
 
 PATCH = 8
 GRAY_STEP = 50
@@ -106,7 +112,8 @@ class ClassEncodingBackbone(nn.Module):
         labels = (F.avg_pool2d(red[:, None], PATCH)[:, 0] * 255.0 / GRAY_STEP).round().long()
         tokens = F.one_hot(labels.clamp(0, self.num_classes - 1), self.num_classes).float().flatten(1, 2)
         noise = torch.randn(tokens.shape, generator=self.generator)
-        return {"x_norm_patchtokens": noise if self.random_features else tokens + 0.01 * noise}
+        patch = noise if self.random_features else tokens + 0.01 * noise
+        return {"x_norm_patchtokens": patch, "x_norm_clstoken": patch.mean(dim=1)}
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +135,8 @@ def test_one_hot_features_give_perfect_overclustering(patch_block_data, backend:
     if backend == "faiss":
         pytest.importorskip("faiss")
     model = ClassEncodingBackbone(num_classes=4)
-    results = evaluate_overclustering(
-        model, patch_block_data, clusters=[4, 12], seeds=[0, 1], backend=backend, mask_size=16, batch_size=4
-    )
+    settings = OverclusteringSettings(clusters=(4, 12), seeds=(0, 1), backend=backend, mask_size=16)
+    results = evaluate_overclustering(model, patch_block_data, settings, batch_size=4).to_dict()
     assert results["k4"]["matching"] == "hungarian" and results["k12"]["matching"] == "greedy"
     assert results["k4"]["miou"] == pytest.approx(100.0)
     assert results["k12"]["miou"] == pytest.approx(100.0)
@@ -140,5 +146,57 @@ def test_one_hot_features_give_perfect_overclustering(patch_block_data, backend:
 
 def test_random_features_give_low_overclustering_miou(patch_block_data) -> None:
     model = ClassEncodingBackbone(num_classes=4, random_features=True)
-    results = evaluate_overclustering(model, patch_block_data, clusters=[4], seeds=[0], mask_size=32)
+    settings = OverclusteringSettings(clusters=(4,), seeds=(0,), mask_size=32)
+    results = evaluate_overclustering(model, patch_block_data, settings).to_dict()
     assert results["k4"]["miou"] < 50.0
+
+
+def test_score_overclustering_of_a_hand_made_clustering() -> None:
+    # 2 images of 2 x 2 patches (2 px each, masks 4 x 4). The top row of each image has one feature A, the bottom row
+    # another feature B: K = 2 clusters {top, bottom}. Top row pixels: class 0 (left) and class 1 (right); bottom
+    # row: class 2. Greedy matching: top -> class 0 (a 50/50 tie goes to the lower class), bottom -> class 2.
+    # IoU0 = 2 / 4 = 1/2 (the predicted 0s cover both top patches), IoU1 = 0, IoU2 = 1: mIoU 50 %.
+    grid = torch.zeros(2, 2, 2, 3)
+    grid[:, 0] = torch.tensor([1.0, 0.0, 2.0])
+    grid[:, 1] = torch.tensor([0.0, 3.0, -1.0])
+    patch_classes = torch.tensor([[0, 1], [2, 2]]).expand(2, 2, 2)
+    masks = patch_classes.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    settings = OverclusteringSettings(
+        clusters=(2,), seeds=(0, 1), pca_dim=None, backend="sklearn", mask_size=100
+    )
+    result = score_overclustering(grid, masks, settings, num_classes=3, class_names=("a", "b", "c"))
+    score = result.scores[2]
+    assert score.matching == "greedy" and score.clusters == 2
+    assert score.miou_per_seed == pytest.approx([50.0, 50.0]) and score.miou_std == pytest.approx(0.0)
+    assert score.per_class_iou == pytest.approx({"a": 50.0, "b": 0.0, "c": 100.0})
+    assert (result.num_patches, result.mask_size, result.pca_dim, result.num_val_images) == (8, 4, None, 2)
+    results = result.to_dict()
+    assert list(results) == [
+        "protocol", "k2", "seeds", "num_classes", "pca_dim", "mask_size", "kmeans_backend", "niter", "nredo",
+        "num_patches", "num_val_images",
+    ]  # fmt: skip
+    assert list(results["k2"]) == [
+        "miou",
+        "miou_std",
+        "miou_per_seed",
+        "clusters",
+        "matching",
+        "per_class_iou",
+    ]
+    from_features = score_overclustering(
+        Features(targets=masks.to(torch.uint8), patch=grid, num_skipped=3), None, settings, num_classes=3
+    )
+    assert from_features.scores[2].miou_per_seed == pytest.approx([50.0, 50.0])
+    assert from_features.to_dict()["num_skipped_val"] == 3
+
+
+def test_overclustering_settings_are_checked() -> None:
+    for changes, message in (
+        ({"clusters": ()}, "--clusters"),
+        ({"clusters": (0, 5)}, "--clusters"),
+        ({"matching": "best"}, "--matching"),
+        ({"backend": "torch"}, "--kmeans-backend"),
+        ({"tokens": "cls"}, "--tokens"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            OverclusteringSettings(**changes)

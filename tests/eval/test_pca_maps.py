@@ -1,4 +1,5 @@
-"""PCA feature maps: colours of planted structures, foreground thresholding and the PNG grid."""
+"""PCA feature maps: colours of planted structures and against a NumPy SVD, foreground thresholding, the settings
+and the PNG grid."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.core.errors import DataError
-from franca.eval.pca_maps import compose_grid, pca_feature_maps, pca_rgb, save_pca_maps
+from franca.core.errors import ConfigError, DataError
+from franca.eval.pca_maps import PcaSettings, compose_grid, evaluate_pca, pca_feature_maps, pca_rgb, score_pca
 
 
 def planted_groups(seed: int = 0, per_group: int = 60, dim: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +86,17 @@ def test_pca_maps_png_from_a_tiny_backbone(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"broken")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        grid = pca_feature_maps(model, [*paths, tmp_path / "broken.png"], size=32, margin=4)
-        path = save_pca_maps(model, paths[:2], tmp_path / "out", size=32, margin=4)
+        grid = pca_feature_maps(model, [*paths, tmp_path / "broken.png"], PcaSettings(size=32, margin=4))
+        result = evaluate_pca(model, paths[:2], tmp_path / "out", PcaSettings(size=32, margin=4))
+    path = result.grid
+    assert result.to_dict() == {
+        "protocol": "pca",
+        "grid": str(path),
+        "num_images": 2,
+        "num_skipped": 0,
+        "size": 32,
+        "foreground_threshold": None,
+    }
     assert grid.info["num_images"] == 3 and grid.info["num_skipped"] == 1
     assert grid.size == (2 * 32 + 3 * 4, 3 * 32 + 4 * 4)
     assert path.is_file() and path.suffix == ".png"
@@ -97,4 +107,33 @@ def test_pca_maps_png_from_a_tiny_backbone(tmp_path: Path) -> None:
     blocks = tile.reshape(4, 8, 4, 8, 3)
     assert (blocks == blocks[:, :1, :, :1]).all()
     with pytest.raises(DataError), pytest.warns(UserWarning, match="unreadable"):
-        pca_feature_maps(model, [tmp_path / "broken.png"], size=32)
+        pca_feature_maps(model, [tmp_path / "broken.png"], PcaSettings(size=32))
+
+
+def test_score_pca_colours_are_the_min_max_scaled_svd_components() -> None:
+    rng = np.random.default_rng(3)
+    grids = rng.normal(size=(2, 3, 4, 6)) * np.array([5.0, 3.0, 2.0, 0.5, 0.2, 0.1])
+    maps = score_pca(torch.from_numpy(grids).float())
+    assert maps.colours.shape == (2, 3, 4, 3) and maps.colours.dtype == np.uint8 and maps.foreground.all()
+    rows = grids.reshape(-1, 6)
+    u, singular, _ = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
+    scores = u[:, :3] * singular[:3]
+    reference = (scores - scores.min(axis=0)) / (scores.max(axis=0) - scores.min(axis=0))
+    colours = maps.colours.reshape(-1, 3).astype(np.float64) / 255.0
+    for channel in range(3):  # a principal direction's sign is arbitrary: the colour may be 1 - reference
+        error = min(np.abs(colours[:, channel] - reference[:, channel]).max(),
+                    np.abs(colours[:, channel] - (1.0 - reference[:, channel])).max())  # fmt: skip
+        assert error <= 0.5 / 255.0 + 1e-6
+    images = maps.images(12)  # nearest upsampling of the 3 x 4 grid: each patch a flat 4 x 3 block
+    assert len(images) == 2 and images[0].size == (12, 12)
+    assert np.array_equal(np.asarray(images[1]), maps.colours[1].repeat(4, axis=0).repeat(3, axis=1))
+
+
+def test_pca_settings_are_checked() -> None:
+    for changes, message in (
+        ({"size": 0}, "--size"),
+        ({"resize_mode": "pad"}, "--resize-mode"),
+        ({"tokens": "x"}, "--tokens"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            PcaSettings(**changes)

@@ -1,4 +1,5 @@
-"""Segmentation data sets: the VOC, plain and synthetic layouts, joint resizing, label handling and robustness."""
+"""Segmentation data sets: the VOC, plain and synthetic layouts, joint resizing, label handling and robustness; the
+dense protocols' shared helpers (token choice, splits from tensors or Features, classes)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.core.errors import DataError
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from franca.core.errors import ConfigError, DataError
 from franca.data.images import SkipCounter
+from franca.eval.common import make_loader
 from franca.eval.segmentation_data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SegmentationDataset,
+    dense_split,
     detect_layout,
-    make_segmentation_loader,
+    patch_token,
+    resize_square,
+    segmentation_classes,
 )
+from franca.features import Features
 
 
 def _save_rgb(path: Path, array: np.ndarray) -> None:
@@ -182,7 +187,7 @@ def test_unreadable_image_and_mask_are_skipped_and_counted(tmp_path: Path) -> No
     seen = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for batch in make_segmentation_loader(dataset, batch_size=3):
+        for batch in make_loader(dataset, batch_size=3):
             if counter.update(batch):
                 assert batch.inputs.shape[1:] == (3, 8, 8) and batch.targets.shape[1:] == (8, 8)
                 seen += batch.inputs.shape[0]
@@ -195,3 +200,61 @@ def test_unknown_folder_is_a_data_error(tmp_path: Path) -> None:
         SegmentationDataset(tmp_path / "something")
     with pytest.raises(DataError, match="does not exist"):
         SegmentationDataset(tmp_path / "missing")
+
+
+def test_resize_square_resizes_or_crops_images_and_label_maps() -> None:
+    labels = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.int64)
+    blocks = resize_square(labels, 4, nearest=True)  # each label becomes a 2x2 block, never blended
+    assert torch.equal(blocks[0], torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]))
+    wide = torch.arange(8, dtype=torch.int64).repeat(4, 1)[None]  # [1, 4, 8]: column index
+    cropped = resize_square(wide, 4, "crop", nearest=True)  # shorter side already 4: the centre 4 columns
+    assert torch.equal(cropped[0], torch.tensor([2, 3, 4, 5]).repeat(4, 1))
+    image = torch.full((3, 6, 10), 200, dtype=torch.uint8)
+    assert resize_square(image, 5).shape == (3, 5, 5) and bool((resize_square(image, 5) == 200).all())
+    with pytest.raises(ConfigError, match="resize mode"):
+        resize_square(image, 5, "stretch")
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, rasa: object = None) -> None:
+        super().__init__()
+        self.rasa = rasa
+
+
+def test_patch_token_follows_the_tokens_choice_and_the_rasa_head() -> None:
+    plain, with_rasa = _Model(), _Model(rasa=torch.nn.Identity())
+    assert patch_token(plain) == "patch" and patch_token(with_rasa) == "patch_rasa"
+    assert patch_token(with_rasa, "patch") == "patch" and patch_token(with_rasa, "rasa") == "patch_rasa"
+    assert patch_token(plain, "patch", n_blocks=4) == "patch_blocks"
+    with pytest.raises(ConfigError, match="no RASA head"):
+        patch_token(plain, "rasa")
+    with pytest.raises(ConfigError, match="cannot be combined with RASA"):
+        patch_token(with_rasa, "auto", n_blocks=2)
+    with pytest.raises(ConfigError, match="tokens"):
+        patch_token(plain, "cls")
+
+
+def test_dense_split_from_tensors_and_features() -> None:
+    grids, masks = torch.zeros(2, 3, 3, 5), torch.zeros(2, 12, 12, dtype=torch.uint8)
+    assert dense_split(grids, masks, "val") == (grids, masks)
+    features = Features(targets=masks, patch=grids, patch_rasa=grids + 1)
+    got, got_masks = dense_split(features, None, "val")
+    assert torch.equal(got, grids + 1) and got_masks is masks  # the RASA tokens when both were extracted
+    with pytest.raises(ConfigError, match="masks are missing"):
+        dense_split(grids, None, "train")
+    with pytest.raises(ConfigError, match="no patch tokens"):
+        dense_split(Features(targets=masks, cls=torch.zeros(2, 5)), None, "val")
+    with pytest.raises(DataError, match=r"patch grids \(2, 3, 3, 5\) do not match"):
+        dense_split(grids, masks[:1], "val")
+
+
+def test_segmentation_classes_take_the_larger_count_and_the_val_names() -> None:
+    class Data:
+        def __init__(self, num_classes: int, names: tuple[str, ...] = ()) -> None:
+            self.num_classes, self.class_names = num_classes, names
+
+    assert segmentation_classes(Data(2, ("a", "b")), Data(3)) == (3, ("class_0", "class_1", "class_2"))
+    assert segmentation_classes(Data(2, ("a", "b"))) == (2, ("a", "b"))
+    assert segmentation_classes(Data(2, ("a", "b")), num_classes=2) == (2, ("a", "b"))
+    with pytest.raises(ConfigError, match="number of classes is unknown"):
+        segmentation_classes(object())

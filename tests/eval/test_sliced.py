@@ -1,4 +1,5 @@
-"""Sliced / PCA-truncated k-NN: slices equal k-NN on feats[:, :m], PCA matches NumPy's SVD, the plot is a PNG."""
+"""Sliced / PCA-truncated k-NN: slices equal k-NN on feats[:, :m], PCA matches NumPy's SVD, the plot is a PNG; the
+typed settings and result, scoring Features, and the model-level entry against features computed by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from franca.core.errors import ConfigError
-from franca.eval.sliced import default_dims, pca_fit, plot_sliced, sliced_knn
+from franca.eval.sliced import (
+    SlicedSettings,
+    default_dims,
+    evaluate_sliced_knn,
+    pca_fit,
+    plot_sliced,
+    score_sliced,
+    sliced_knn,
+)
+from franca.features import Features
 
 
 def reference_top1(train, train_labels, test, test_labels, k, temperature=0.07):
@@ -95,3 +105,61 @@ def test_out_of_range_dims_are_rejected():
     feats, labels = torch.randn(10, 8), torch.arange(10) % 2
     with pytest.raises(ConfigError):
         sliced_knn(feats, labels, feats, labels, dims=(4, 9))
+
+
+def test_score_sliced_on_features_scores_their_cls_token_and_records_the_skipped_images():
+    gen = torch.Generator().manual_seed(3)
+    train, train_labels = structured_features(200, gen)
+    test, test_labels = structured_features(60, gen)
+    noise = torch.randn(200, 16, generator=gen)  # pooled tokens that must not be read
+    train_features = Features(targets=train_labels, cls=train, pooled=noise, num_skipped=4)
+    test_features = Features(targets=test_labels, cls=test, pooled=noise[:60], num_skipped=0)
+    settings = SlicedSettings(dims=(2, 8), ks=(7,), pca=False, use_faiss=False)
+    result = score_sliced(train_features, None, test_features, None, settings)
+    assert result.dims == [2, 8] and result.pca is None and result.feature_dim == 16
+    for m in (2, 8):
+        expected = reference_top1(train[:, :m], train_labels, test[:, :m], test_labels, 7)
+        assert result.sliced[m].accuracy[7].top1 == pytest.approx(expected)
+    as_dict = result.to_dict()
+    assert list(as_dict) == ["dims", "feature_dim", "ks", "sliced", "skipped_train", "skipped_val"]
+    assert (as_dict["skipped_train"], as_dict["skipped_val"], as_dict["ks"]) == (4, 0, [7])
+    assert as_dict["sliced"]["8"]["k7"]["top1"] == result.sliced[8].accuracy[7].top1
+
+
+def test_sliced_settings_are_checked_when_built():
+    with pytest.raises(ConfigError, match="at least one k"):
+        SlicedSettings(ks=())
+    with pytest.raises(ConfigError, match="temperature"):
+        SlicedSettings(temperature=0.0)
+
+
+def test_evaluate_sliced_knn_equals_the_reference_on_cls_tokens_computed_by_hand():
+    from franca.models import vit_tiny
+
+    model = vit_tiny(patch_size=8, img_size=16).eval()
+    with torch.no_grad():  # layer scales 1 (not 1e-5), so that the CLS token depends on the image
+        for name, parameter in model.named_parameters():
+            if name.endswith("gamma"):
+                parameter.fill_(1.0)
+    gen = torch.Generator().manual_seed(4)
+    train_images, val_images = (
+        torch.randn(16, 3, 16, 16, generator=gen),
+        torch.randn(6, 3, 16, 16, generator=gen),
+    )
+    train_labels, val_labels = torch.arange(16) % 4, torch.arange(6) % 4
+    settings = SlicedSettings(dims=(12, 192), ks=(3,), pca=False)
+    result = evaluate_sliced_knn(
+        model,
+        torch.utils.data.TensorDataset(train_images, train_labels),
+        torch.utils.data.TensorDataset(val_images, val_labels),
+        settings,
+        batch_size=7,
+        progress=False,
+    )
+    with torch.no_grad():
+        train_cls = model.forward_features(train_images)["x_norm_clstoken"]
+        val_cls = model.forward_features(val_images)["x_norm_clstoken"]
+    for m in (12, 192):
+        expected = reference_top1(train_cls[:, :m], train_labels, val_cls[:, :m], val_labels, 3)
+        assert result.sliced[m].accuracy[3].top1 == pytest.approx(expected)
+    assert result.to_dict()["skipped_train"] == 0 and "feature" not in result.to_dict()

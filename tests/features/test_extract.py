@@ -124,3 +124,18 @@ def test_rasa_tokens_apply_the_attached_projection():
     by_hand = tokens["patch"] - (tokens["patch"] @ direction.T) @ direction
     assert torch.allclose(tokens["patch_rasa"], by_hand, atol=1e-5)
     assert torch.allclose(tokens["pooled_rasa"], by_hand.mean(dim=(1, 2)), atol=1e-5)
+
+
+def test_dict_batches_and_batches_of_several_image_sizes(model):
+    images = torch.randn(3, 3, 32, 32)
+    batches = [{"image": images[:2], "label": torch.tensor([4, 5])}, {"images": images[2:]}]
+    features = extract_features(model, batches, ["cls"], progress=False)
+    with torch.no_grad():
+        expected = model.forward_features(images)["x_norm_clstoken"]
+    assert torch.allclose(features.cls, expected, atol=1e-5)
+    assert features.targets.tolist() == [4, 5, 2]  # the last batch has no labels: its running image index
+    with pytest.raises(DataError, match="dict"):
+        extract_features(model, [{"pixels": images}], progress=False)
+    mixed = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 24, 32)]
+    with pytest.raises(DataError, match=r"patch tokens of different shapes \(3, 4, 192\) and \(4, 4, 192\)"):
+        extract_features(model, mixed, ["cls", "patch"], progress=False)

@@ -152,7 +152,7 @@ def test_invalid_ranges_are_rejected() -> None:
     with pytest.raises(ConfigError, match="crops.blur_sigma"):
         load_config("tiny_cpu", ["crops.blur_sigma=[0.0,0.2]"])
     with pytest.raises(ConfigError, match="optim.warmup_iterations"):
-        load_config("tiny_cpu", ["train.iterations=10"])
+        load_config("tiny_cpu", ["train.iterations=10", "optim.warmup_iterations=11"])
     with pytest.raises(ConfigError, match="crops.local_size"):
         load_config("tiny_cpu", ["crops.local_size=30"])  # not a multiple of patch 8
     with pytest.raises(ConfigError, match="heads.levels"):

@@ -1,8 +1,10 @@
 """The ``franca`` command line.
 
 Each sub-command lives in its own module ``franca.cli.<name>`` with two functions,
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs so that
-``franca --help`` stays fast. Errors derived from :class:`franca.core.errors.FrancaError` are printed as one line.
+``add_arguments(parser)`` and ``run(args) -> int``. Building the parser imports every one of these modules, so they
+import no torch at module level: the library modules that do (models, features, rasa, train, eval) are imported
+inside ``run``, when the command runs, and ``franca --help`` stays fast (tests/test_cli_startup.py checks it).
+Errors derived from :class:`franca.core.errors.FrancaError` are printed as one line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ EXTRA_OF: dict[str, str] = {
     "sklearn": "eval",
     "scipy": "eval",
     "matplotlib": "report",
+    "jinja2": "report",
     "faiss": "faiss",
     "webdataset": "webdataset",
     "tensorboard": "tensorboard",
@@ -33,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "data": "make data sets (the procedural synthetic data set)",
     "train": "pretrain with the Franca method",
     "checkpoint": "convert training checkpoints between sharded folders and single files",
+    "export": "write a backbone as ONNX, a timm state dict, a Hugging Face folder or safetensors",
     "eval": "evaluate a backbone (k-NN, linear probe, segmentation, ...)",
     "rasa": "train a RASA head that removes absolute position from patch features",
     "demo": "pretrain, evaluate and report on the synthetic data set",

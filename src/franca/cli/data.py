@@ -1,6 +1,6 @@
 """``franca data``: make data sets. ``franca data synth --out DIR`` writes the procedural synthetic shapes data set.
 
-Heavy imports (numpy, PIL) happen inside :func:`run` so that ``franca --help`` stays fast.
+:mod:`franca.data.synth` (numpy and PIL, no torch) is imported with the parser, for its list of styles.
 """
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+from franca.cli.options import output_folder
+from franca.data.synth import STYLES, generate_synthetic_dataset
 
 DEFAULT_TRAIN_IMAGES = 10000
 DEFAULT_VAL_IMAGES = 1000
@@ -19,9 +22,6 @@ def _default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``data`` actions (currently ``synth``) as sub-commands of ``parser``."""
-    from franca.cli.options import output_folder
-    from franca.data.synth import STYLES
-
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
     synth = actions.add_parser(
         "synth",
@@ -71,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "data_action", None) != "synth":
         args._data_parser.print_help()
         return 1
-    from franca.data.synth import STYLES, generate_synthetic_dataset
-
     start = time.perf_counter()
     info = generate_synthetic_dataset(
         args.out,

@@ -7,7 +7,7 @@ import os
 import time
 
 from franca.cli.options import non_negative_int, output_file, positive_int
-from franca.embed import OUTPUT_SUFFIXES
+from franca.features.files import OUTPUT_SUFFIXES, save_embeddings
 
 
 def _shown(path: os.PathLike | str) -> str:
@@ -37,26 +37,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens",
         default="cls",
-        help="comma-separated token kinds to write: cls, patch, mean (of the patch tokens), patch_rasa",
+        help="comma-separated tokens to write, each under the name given: cls, patch, mean (of the patch tokens), "
+        "patch_rasa, or another token of franca.features.tokens (pooled, pooled_rasa, registers)",
     )
     parser.add_argument(
         "--rasa", default=None, metavar="HEAD", help="RASA head file to attach (enables patch_rasa)"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="run the checkpoint with PyTorch, or an .onnx file written by `franca export` with onnxruntime on the "
+        "CPU (needs the onnx extra); auto (default): onnx for a .onnx checkpoint, torch otherwise",
+    )
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
 
+def _runtime(args: argparse.Namespace) -> str:
+    """The runtime asked for, resolved: ``onnx`` for a .onnx checkpoint under ``auto``; ConfigError for --rasa."""
+    from franca.core.errors import ConfigError
+
+    runtime = args.runtime
+    if runtime == "auto":
+        runtime = "onnx" if str(args.checkpoint).lower().endswith(".onnx") else "torch"
+    if runtime == "onnx" and args.rasa:
+        raise ConfigError(
+            "--rasa cannot be attached to an ONNX graph: export the backbone with its RASA head instead "
+            "(franca export --checkpoint CKPT --rasa HEAD --format onnx)"
+        )
+    return runtime
+
+
 def run(args: argparse.Namespace) -> int:
+    """Embed the images and write the features; torch is imported here, not when the parser is built."""
+    import torch
+
     from franca.core.runtime import resolve_device
     from franca.data.images import list_images
-    from franca.embed import embed_images, save_embeddings
+    from franca.features.embed import embed_images
     from franca.models.checkpoints import load_backbone
 
     start = time.perf_counter()
     tokens = [kind.strip() for kind in args.tokens.split(",") if kind.strip()]
     paths = list_images(args.paths)
-    device = resolve_device(args.device)
-    model = load_backbone(args.checkpoint, rasa=args.rasa)
+    if _runtime(args) == "onnx":
+        from franca.models.export import OnnxBackbone
+
+        device, model = resolve_device("cpu"), OnnxBackbone(args.checkpoint, threads=torch.get_num_threads())
+    else:
+        device, model = resolve_device(args.device), load_backbone(args.checkpoint, rasa=args.rasa)
     result = embed_images(
         model,
         paths,

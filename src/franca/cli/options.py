@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from franca.core.errors import ConfigError
 from franca.core.io import output_dir_problem
 
 
@@ -62,3 +63,11 @@ def output_file(suffixes: Sequence[str]) -> Callable[[str], str]:
         return text
 
     return check
+
+
+def seed_list(base_seed: int, count: int) -> list[int]:
+    """``count`` consecutive seeds starting at ``base_seed`` (the ``--seed`` / ``--seeds`` options of the dense
+    protocols); ConfigError when ``count`` is below 1."""
+    if count < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {count})")
+    return [base_seed + index for index in range(count)]

@@ -8,13 +8,13 @@ each removal step) and ``DIR/backbone_rasa.safetensors`` (the backbone with the 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 from franca.cli.options import non_negative_int, output_folder, positive_int
+from franca.core.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,16 +110,71 @@ def _table(result: Any) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from torch.utils.data import DataLoader
+def _crop_size(size: int | None, model: Any) -> int:
+    """``--size``, else the model's training size; ConfigError when it is not a multiple of the patch size."""
+    size = size or model.config.img_size
+    if size % model.patch_size:
+        raise ConfigError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
+    return size
 
-    from franca.core.errors import ConfigError
+
+def _plan(args: argparse.Namespace, images: tuple[int, int], size: int, patch_size: int, device: Any) -> str:
+    """The line that says what the run will do, before it starts."""
+    grid = size // patch_size
+    return (
+        f"RASA on {args.checkpoint}: {images[0]} training images, {images[1]} held out, "
+        f"{size} px ({grid}x{grid} patches), {args.iterations} iterations x "
+        f"{args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}, "
+        f"{'features re-extracted every epoch' if args.no_cache else 'features cached'}, on {device}"
+    )
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`franca.rasa.train_rasa` given by the options."""
+    return {
+        "iterations": args.iterations,
+        "epochs_per_iteration": args.epochs,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "cache_features": not args.no_cache,
+        "orthogonal_steps": args.orthogonal_steps,
+        "seed": args.seed,
+        "progress": not args.quiet,
+    }
+
+
+def _results_text(result: Any) -> str:
+    """The position metrics table, and the number of unreadable images when there were some."""
+    text = (
+        f"\nposition metrics on the {result.settings['metrics_on']} (R^2 left: closed-form linear fit, 2-fold CV)\n"
+        + _table(result)
+    )
+    if result.settings.get("skipped_images"):
+        text += f"\nskipped {result.settings['skipped_images']} unreadable images"
+    return text
+
+
+def _closing_text(checkpoint: str, files: Any, had_rasa: bool, seconds: float) -> str:
+    """What was written and how to load it (with a note when the checkpoint's own RASA matrix was replaced)."""
+    note = (
+        f"note: the RASA matrix that came with {checkpoint} was replaced by the new one\n" if had_rasa else ""
+    )
+    return (
+        f"{note}\nwrote {files.head}, {files.metrics} and {files.backbone} in {seconds:.1f}s\n"
+        "load it with:\n"
+        f'  model = franca.load_backbone("{files.backbone}")\n'
+        f'  or: model = franca.load_backbone("{checkpoint}", rasa="{files.head}")\n'
+        '  model.forward_features(images)["x_norm_patchtokens_rasa"]  # patch tokens without absolute position'
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the head and write its files; torch is imported here, not when the parser is built."""
     from franca.core.runtime import resolve_device
-    from franca.data.images import ImageFileDataset, collate_skip_none, list_images
-    from franca.models.checkpoints import load_backbone, save_backbone
-    from franca.models.rasa import save_rasa_head
-    from franca.rasa import rasa_eval_transform, rasa_transform, train_rasa
+    from franca.data.images import list_images
+    from franca.models.checkpoints import load_backbone
+    from franca.rasa import rasa_loaders, save_rasa_outputs, train_rasa
 
     start = time.perf_counter()
     if not 0 <= args.holdout < 1:
@@ -128,88 +183,23 @@ def run(args: argparse.Namespace) -> int:
     model = load_backbone(args.checkpoint)
     had_rasa = model.rasa is not None
     model.set_rasa(None)
-    size = args.size or model.config.img_size
-    if size % model.patch_size:
-        raise ConfigError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
+    size = _crop_size(args.size, model)
     train_paths, heldout_paths = _split(list_images(args.data), args.holdout, args.max_images, args.seed)
-    torch.manual_seed(args.seed)
-    loader = DataLoader(
-        ImageFileDataset(train_paths, rasa_transform(size)),
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.num_workers,
-        collate_fn=collate_skip_none,
-        generator=torch.Generator().manual_seed(args.seed),
-        pin_memory=device.type == "cuda",
+    loader, eval_loader = rasa_loaders(
+        train_paths, heldout_paths, size, args.batch_size, args.num_workers, args.seed, device.type == "cuda"
     )
-    eval_loader = None
-    if heldout_paths:
-        eval_loader = DataLoader(
-            ImageFileDataset(heldout_paths, rasa_eval_transform(size)),
-            batch_size=args.batch_size,
-            shuffle=False,
-            num_workers=args.num_workers,
-            collate_fn=collate_skip_none,
-            pin_memory=device.type == "cuda",
-        )
-    print(
-        f"RASA on {args.checkpoint}: {len(train_paths)} training images, {len(heldout_paths)} held out, "
-        f"{size} px ({size // model.patch_size}x{size // model.patch_size} patches), {args.iterations} iterations x "
-        f"{args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}, "
-        f"{'features re-extracted every epoch' if args.no_cache else 'features cached'}, on {device}"
-    )
-    result = train_rasa(
-        model,
-        loader,
-        eval_data=eval_loader,
-        iterations=args.iterations,
-        epochs_per_iteration=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        device=device,
-        cache_features=not args.no_cache,
-        orthogonal_steps=args.orthogonal_steps,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    print(
-        f"\nposition metrics on the {result.settings['metrics_on']} (R^2 left: closed-form linear fit, 2-fold CV)"
-    )
-    print(_table(result))
-    if result.settings.get("skipped_images"):
-        print(f"skipped {result.settings['skipped_images']} unreadable images")
-
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    head_path = save_rasa_head(result.weights, output_dir / "rasa_head.pth")
-    summary = result.to_dict()
-    summary["settings"].update(
-        {
-            "checkpoint": str(args.checkpoint),
-            "data": [str(item) for item in args.data],
-            "size": size,
-            "train_images": len(train_paths),
-            "heldout_images": len(heldout_paths),
-            "seed": args.seed,
-            "device": str(device),
-        }
-    )
-    metrics_path = output_dir / "rasa_metrics.json"
-    metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    model.set_rasa(result.matrix)
-    backbone_path = save_backbone(
-        model.cpu(),
-        output_dir / "backbone_rasa.safetensors",
-        metadata={"rasa_iterations": str(len(result.weights)), "rasa_source": str(args.checkpoint)},
-    )
-    if had_rasa:
-        print(f"note: the RASA matrix that came with {args.checkpoint} was replaced by the new one")
-    print(f"\nwrote {head_path}, {metrics_path} and {backbone_path} in {time.perf_counter() - start:.1f}s")
-    print(
-        "load it with:\n"
-        f'  model = franca.load_backbone("{backbone_path}")\n'
-        f'  or: model = franca.load_backbone("{args.checkpoint}", rasa="{head_path}")\n'
-        '  model.forward_features(images)["x_norm_patchtokens_rasa"]  # patch tokens without absolute position'
-    )
+    print(_plan(args, (len(train_paths), len(heldout_paths)), size, model.patch_size, device))
+    result = train_rasa(model, loader, eval_data=eval_loader, device=device, **_recipe(args))
+    print(_results_text(result))
+    settings = {
+        "checkpoint": str(args.checkpoint),
+        "data": [str(item) for item in args.data],
+        "size": size,
+        "train_images": len(train_paths),
+        "heldout_images": len(heldout_paths),
+        "seed": args.seed,
+        "device": str(device),
+    }
+    files = save_rasa_outputs(result, model, args.output_dir, settings, source=args.checkpoint)
+    print(_closing_text(args.checkpoint, files, had_rasa, time.perf_counter() - start))
     return 0

@@ -29,8 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from franca.train.trainer import train
 
     config = load_config(args.config, args.overrides)
+    callbacks = []
+    if config.eval.every > 0:  # k-NN of the teacher every eval.every iterations (its folders are read now)
+        from franca.apps.monitor import knn_monitor
+
+        callbacks.append(knn_monitor(config))
     start = time.perf_counter()
-    result = train(config, args.output_dir, progress=not args.no_progress)
+    result = train(config, args.output_dir, progress=not args.no_progress, callbacks=callbacks)
     from franca.core.distributed import is_main_process
 
     if not is_main_process():

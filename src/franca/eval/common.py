@@ -1,8 +1,11 @@
-"""Plumbing shared by every evaluation protocol: model loading, data loaders and result files.
+"""Plumbing shared by every evaluation protocol: model loading, data, features, labels and result files.
 
 Each protocol's entry (``franca.eval.knn.evaluate_knn``, ``franca.eval.hummingbird.evaluate_hummingbird``, ...) takes
-a model from :func:`load_model` and its results go to :func:`write_results`, so that every protocol writes the same
-kind of JSON file. The command line's options and printed tables live in :mod:`franca.cli.eval_protocols`.
+a model from :func:`load_model`, extracts features with :func:`dataset_features` (the one extractor,
+:func:`franca.features.extract_features`) and its results go to :func:`write_results`, so that every protocol writes
+the same kind of JSON file. The image-level protocols' scoring functions read a split's features and labels with
+:func:`feature_rows` and record where the features came from with :class:`Provenance`. The command line's options and
+printed tables live in :mod:`franca.cli.eval_protocols`.
 """
 
 from __future__ import annotations
@@ -11,35 +14,45 @@ import datetime as _dt
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from franca.core.errors import CheckpointError, ConfigError
+from franca.core.errors import CheckpointError, ConfigError, DataError
 from franca.core.io import atomic_write_text, ensure_output_dir, output_dir_problem
 from franca.core.runtime import resolve_device
-from franca.eval.defaults import DEFAULT_OUTPUT_ROOT
+from franca.eval.defaults import DEFAULT_OUTPUT_ROOT, EXTRACT_BATCH_SIZE
 from franca.eval.output import format_table
+from franca.features import Features, extract_features
 
 __all__ = [
     "DEFAULT_OUTPUT_ROOT",
+    "Provenance",
     "check_input_size",
+    "classification_datasets",
+    "count_classes",
+    "dataset_classes",
+    "dataset_features",
     "ensure_output_dir",
+    "feature_rows",
     "flatten_scalars",
     "format_table",
+    "labels_of",
     "load_model",
     "make_loader",
+    "model_device",
     "output_dir_problem",
+    "provenance_dict",
+    "split_features",
     "write_results",
 ]
 
 
-# Transitional: the argparse ``type=`` validators moved to franca.cli.options. These names stay readable here until
-# the commands that still import them from this module (franca.cli.embed, .rasa, .demo, .data) import them from
-# franca.cli.options; then this table and ``__getattr__`` are to be deleted (the library never reaches up into the CLI).
 # --------------------------------------------------------------------------------------------------- model
 def check_input_size(size: int, patch_size: int, option: str = "--size") -> None:
     """Raise ConfigError unless ``size`` is a positive multiple of ``patch_size``."""
@@ -103,6 +116,134 @@ def make_loader(
         generator=generator,
         persistent_workers=False,
     )
+
+
+def model_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """``device`` as a torch device, or the device of ``model``'s parameters when it is None."""
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------- data
+def classification_datasets(train_root: str, val_root: str, size: int) -> tuple[Any, Any]:
+    """ImageFolder train and val data sets with the evaluation transform (resize, center-crop ``size``, ImageNet norm).
+
+    The val classes must be the train classes (same folder names), so labels mean the same thing in both.
+    """
+    from franca.data.augmentations import eval_transform
+    from franca.data.datasets import ImageFolderDataset
+
+    transform = eval_transform(size=size)
+    train = ImageFolderDataset(train_root, transform=transform)
+    val = ImageFolderDataset(val_root, transform=transform)
+    if list(train.classes) != list(val.classes):
+        missing = sorted(set(val.classes) - set(train.classes)) or sorted(
+            set(train.classes) - set(val.classes)
+        )
+        raise ConfigError(
+            f"{val_root}: its class folders differ from those of {train_root} (e.g. {missing[:3]}); "
+            "both must have the same class subfolders"
+        )
+    return train, val
+
+
+def dataset_classes(dataset: object) -> int | None:
+    """The number of classes a data set names (``len(dataset.classes)``), or None when it names none."""
+    return len(getattr(dataset, "classes", [])) or None
+
+
+def count_classes(*labels: Tensor) -> int:
+    """The number of classes the label tensors imply: their largest label + 1."""
+    return int(max(int(part.max()) for part in labels if part.numel()) + 1)
+
+
+# --------------------------------------------------------------------------------------------------- features
+def dataset_features(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    tokens: Sequence[str],
+    batch_size: int = EXTRACT_BATCH_SIZE,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    n_blocks: int = 1,
+    desc: str = "features",
+    progress: bool = True,
+) -> Features:
+    """The ``tokens`` of every image of ``dataset`` (items ``(image tensor, label)``, None for an unreadable file)
+    as :class:`~franca.features.Features` with the labels as ``targets`` and the unreadable files counted."""
+    loader = make_loader(dataset, batch_size, num_workers)
+    return extract_features(model, loader, tokens, device, n_blocks, desc=desc, progress=progress)
+
+
+def split_features(
+    model: torch.nn.Module,
+    train_dataset: torch.utils.data.Dataset,
+    val_dataset: torch.utils.data.Dataset,
+    tokens: Sequence[str],
+    batch_size: int = EXTRACT_BATCH_SIZE,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    n_blocks: int = 1,
+    progress: bool = True,
+) -> tuple[Features, Features]:
+    """:func:`dataset_features` of a train and a val data set, one pass each (train first)."""
+    train, val = (
+        dataset_features(
+            model, dataset, tokens, batch_size, num_workers, device, n_blocks, f"{split} features", progress
+        )
+        for split, dataset in (("train", train_dataset), ("val", val_dataset))
+    )
+    return train, val
+
+
+def labels_of(features: object, labels: Tensor | Sequence[int] | None, split: str) -> Tensor:
+    """The labels [N] (int64, CPU) of one split: ``labels`` when given, else the ``targets`` of ``features``."""
+    if labels is None:
+        if not isinstance(features, Features):
+            raise ConfigError(f"the {split} labels are missing: pass them along with feature tensors")
+        labels = features.targets
+    return torch.as_tensor(labels).long().cpu()
+
+
+def feature_rows(
+    features: Tensor | Features, labels: Tensor | Sequence[int] | None, token: str, split: str
+) -> tuple[Tensor, Tensor]:
+    """(features [N, D], labels [N] int64) of one split, from a tensor and its labels or from Features (its
+    ``token``, e.g. ``cls`` or ``avgpool``, and its targets unless ``labels`` are given)."""
+    rows = features[token] if isinstance(features, Features) else features
+    labels = labels_of(features, labels, split)
+    if rows.ndim != 2 or rows.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"the {split} features {tuple(rows.shape)} do not match their {labels.shape[0]} labels; "
+            "give one [D] feature row per label"
+        )
+    return rows, labels
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a protocol's features came from: the token (None when implied) and the unreadable images that were
+    skipped extracting the train and the val split. Recorded when a protocol scores Features."""
+
+    feature: str | None
+    skipped_train: int
+    skipped_val: int
+
+    @classmethod
+    def of(cls, feature: str | None, train: object, val: object) -> Provenance | None:
+        """The provenance of two splits when both are Features, else None (plain tensors carry none)."""
+        if isinstance(train, Features) and isinstance(val, Features):
+            return cls(feature, train.num_skipped, val.num_skipped)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"feature"`` (when named), ``"skipped_train", "skipped_val"}``, as the result files hold them."""
+        named = {"feature": self.feature} if self.feature is not None else {}
+        return {**named, "skipped_train": self.skipped_train, "skipped_val": self.skipped_val}
+
+
+def provenance_dict(provenance: Provenance | None) -> dict[str, Any]:
+    """:meth:`Provenance.to_dict`, or ``{}`` when there is none."""
+    return provenance.to_dict() if provenance is not None else {}
 
 
 # --------------------------------------------------------------------------------------------------- results

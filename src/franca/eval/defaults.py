@@ -46,3 +46,15 @@ KMEANS_BACKENDS: tuple[str, ...] = ("auto", "faiss", "sklearn")
 DEFAULT_CLUSTERS: tuple[int, ...] = (100, 300)
 DEFAULT_PCA_DIM = 50
 DEFAULT_MASK_SIZE = 100
+
+# image-level protocols (k-NN, linear probe, logistic regression, sliced k-NN)
+EXTRACT_BATCH_SIZE = 64  # images per forward pass when extracting features
+KNN_CHUNK_SIZE = 1024  # test samples searched at once
+KNN_TRAIN_CHUNK_SIZE = 65536  # train samples scanned at once by the torch search
+HOLDOUT_FRACTION = 0.1  # fraction of train held out to choose a linear head or a C
+LINEAR_EPOCHS = 10
+LINEAR_BATCH_SIZE = 256
+LOGREG_FEATURES: tuple[str, ...] = ("cls", "avgpool")
+LOGREG_METRICS: tuple[str, ...] = ("top1", "mean_per_class")
+LOGREG_MAX_ITER = 1000
+LOGREG_TOL = 1e-12

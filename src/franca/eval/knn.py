@@ -8,11 +8,17 @@ and top-5 accuracy for every ``k`` in (10, 20, 100, 200). DINOv2 reports k = 20 
 Exact search either with torch (test samples in chunks, train set in chunks whose top-k lists are merged, so the
 memory is ``chunk_size x train_chunk_size`` similarities whatever the train size) or with a faiss ``IndexFlatIP``
 when faiss is installed; both give the same neighbours up to float rounding.
+
+:class:`KnnSettings` holds the protocol's settings, :func:`score_knn` scores features (tensors with labels, or
+:class:`~franca.features.Features`) into a :class:`KnnResult`, and :func:`evaluate_knn` extracts the features of two
+data sets with :mod:`franca.features` and scores them. :func:`knn_classify` is the same scoring as a plain dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,135 +28,20 @@ from torch import Tensor
 from franca.core.errors import ConfigError
 from franca.core.progress import ProgressBar
 from franca.eval import defaults
+from franca.eval.common import (
+    Provenance,
+    count_classes,
+    dataset_classes,
+    feature_rows,
+    model_device,
+    provenance_dict,
+    split_features,
+)
+from franca.eval.search import ExactSearcher, knn_search  # noqa: F401  (knn_search: re-exported)
+from franca.features import Features
 
 DEFAULT_KS: tuple[int, ...] = defaults.KNN_KS
 DEFAULT_TEMPERATURE = defaults.KNN_TEMPERATURE
-
-
-# --------------------------------------------------------------------------------------------------- search
-def faiss_available() -> bool:
-    """True when ``import faiss`` works."""
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_faiss(use_faiss: bool | str, device: torch.device) -> bool:
-    if use_faiss == "auto":
-        return device.type == "cpu" and faiss_available()
-    if use_faiss is True or use_faiss == "true":
-        if not faiss_available():
-            raise ConfigError(
-                "use_faiss=True but faiss is not installed; pip install faiss-cpu or use the torch path"
-            )
-        return True
-    return False
-
-
-def _torch_topk_chunked(query: Tensor, train: Tensor, k: int, train_chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Top-``k`` inner products of ``query`` [q, d] against ``train`` [n, d], scanning the train set in chunks.
-
-    Each chunk's top-k is merged with the running best, so memory stays O(q * (train_chunk_size + k)).
-    """
-    best_values: Tensor | None = None
-    best_indices: Tensor | None = None
-    for start in range(0, train.shape[0], train_chunk_size):
-        block = train[start : start + train_chunk_size]
-        sims = query @ block.T
-        values, indices = sims.topk(min(k, block.shape[0]), dim=1, largest=True, sorted=True)
-        indices = indices + start
-        if best_values is None:
-            best_values, best_indices = values, indices
-            continue
-        values = torch.cat([best_values, values], dim=1)
-        indices = torch.cat([best_indices, indices], dim=1)
-        best_values, order = values.topk(min(k, values.shape[1]), dim=1, largest=True, sorted=True)
-        best_indices = indices.gather(1, order)
-    assert best_values is not None and best_indices is not None
-    return best_values, best_indices
-
-
-class ExactSearcher:
-    """Exact maximum-inner-product search over a fixed train set, with faiss or with chunked torch matmuls.
-
-    ``train_feats`` [n_train, d] is indexed once (a faiss ``IndexFlatIP`` or a float32 copy on ``device``);
-    :meth:`search` answers one chunk of queries at a time.
-    """
-
-    def __init__(
-        self,
-        train_feats: Tensor,
-        use_faiss: bool | str = "auto",
-        device: torch.device | str | None = None,
-        train_chunk_size: int = 65536,
-    ) -> None:
-        if train_feats.ndim != 2:
-            raise ValueError(f"k-NN needs 2-D train features, got shape {tuple(train_feats.shape)}")
-        if train_feats.shape[0] == 0:
-            raise ConfigError("k-NN needs at least one train sample")
-        self.device = torch.device(device) if device is not None else train_feats.device
-        self.num_train, self.dim = int(train_feats.shape[0]), int(train_feats.shape[1])
-        self.train_chunk_size = max(1, int(train_chunk_size))
-        self.backend = "faiss" if _use_faiss(use_faiss, self.device) else "torch"
-        if self.backend == "faiss":
-            import faiss
-
-            self.index = faiss.IndexFlatIP(self.dim)
-            self.index.add(train_feats.detach().to("cpu", torch.float32).contiguous().numpy())
-        else:
-            self.train = train_feats.detach().to(self.device, torch.float32)
-
-    def search(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(similarities [q, k'], train indices [q, k'] int64) on the CPU, sorted descending; k' = min(k, n_train)."""
-        if query.ndim != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"k-NN queries must be [q, {self.dim}], got {tuple(query.shape)}")
-        k = max(1, min(int(k), self.num_train))
-        if self.backend == "faiss":
-            values, indices = self.index.search(
-                query.detach().to("cpu", torch.float32).contiguous().numpy(), k
-            )
-            return torch.from_numpy(values), torch.from_numpy(indices).to(torch.int64)
-        values, indices = _torch_topk_chunked(
-            query.detach().to(self.device, torch.float32), self.train, k, self.train_chunk_size
-        )
-        return values.cpu(), indices.cpu()
-
-
-def knn_search(
-    train_feats: Tensor,
-    test_feats: Tensor,
-    k: int,
-    chunk_size: int = 1024,
-    train_chunk_size: int = 65536,
-    use_faiss: bool | str = "auto",
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Exact inner-product search: the ``k`` largest ``test @ train.T`` per test row, sorted descending.
-
-    ``train_feats`` [n_train, d], ``test_feats`` [n_test, d] (normalise them first for cosine similarity). Returns
-    (similarities [n_test, k], train indices [n_test, k] int64) on the CPU; ``k`` is clipped to ``n_train``. Test rows
-    are processed ``chunk_size`` at a time and the train set ``train_chunk_size`` rows at a time.
-    ``use_faiss``: ``"auto"`` (faiss ``IndexFlatIP`` when installed and the device is the CPU), True or False.
-    """
-    if test_feats.ndim != 2 or test_feats.shape[1] != train_feats.shape[-1]:
-        raise ValueError(
-            f"k-NN needs 2-D features of the same width, got train {tuple(train_feats.shape)} "
-            f"and test {tuple(test_feats.shape)}"
-        )
-    device = device if device is not None else test_feats.device
-    searcher = ExactSearcher(train_feats, use_faiss, device, train_chunk_size)
-    values, indices = [], []
-    starts = range(0, test_feats.shape[0], max(1, chunk_size))
-    for start in ProgressBar(
-        starts, desc=f"k-NN ({searcher.backend})", unit="chunk", disable=not progress, leave=False
-    ):
-        chunk_values, chunk_indices = searcher.search(test_feats[start : start + chunk_size], k)
-        values.append(chunk_values)
-        indices.append(chunk_indices)
-    return torch.cat(values), torch.cat(indices)
 
 
 # --------------------------------------------------------------------------------------------------- voting
@@ -191,6 +82,148 @@ def topk_correct(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -
     return {t: int(hits[:, : min(t, max_t)].any(dim=1).sum().item()) for t in topk}
 
 
+@dataclass(frozen=True)
+class KnnSettings:
+    """Settings of the k-NN protocol.
+
+    ``ks``: neighbour counts (each >= 1; clipped to the train size when scoring); ``temperature``: T of the vote
+    weights ``softmax(sim / T)`` (> 0); ``feature``: the token scored when given Features (``cls``; any token name
+    or alias, e.g. ``avgpool``); ``use_faiss``: ``"auto"``, True or False; ``chunk_size`` / ``train_chunk_size``:
+    test / train rows per search step; ``normalize``: L2-normalise the features first (the protocol does).
+    """
+
+    ks: Sequence[int] = DEFAULT_KS
+    temperature: float = DEFAULT_TEMPERATURE
+    feature: str = "cls"
+    use_faiss: bool | str = "auto"
+    chunk_size: int = defaults.KNN_CHUNK_SIZE
+    train_chunk_size: int = defaults.KNN_TRAIN_CHUNK_SIZE
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ks:
+            raise ConfigError("k-NN needs at least one k (--ks)")
+        if any(int(k) < 1 for k in self.ks):
+            raise ConfigError(f"every k (--ks) must be >= 1, got {list(self.ks)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"the k-NN temperature (--temperature) must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class KnnAccuracy:
+    """Accuracy (percent) with one neighbour count: ``top1``, ``top5`` (top-min(5, C), voted classes only, see
+    :func:`topk_correct`) and the effective ``k`` (clipped to the train size)."""
+
+    top1: float
+    top5: float
+    k: int
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """What :func:`score_knn` measured: the accuracy per requested k (in the order of the settings' ``ks``), the
+    sizes, the temperature, the search backend and, when Features were scored, their :class:`Provenance`."""
+
+    accuracy: dict[int, KnnAccuracy]
+    num_train: int
+    num_test: int
+    num_classes: int
+    feature_dim: int
+    temperature: float
+    backend: str
+    provenance: Provenance | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"k10": {"top1", "top5", "k"}, ..., "num_train", "num_test", "num_classes", "feature_dim",
+        "temperature", "backend"}``, then ``"feature", "skipped_train", "skipped_val"`` when Features were scored."""
+        per_k = {f"k{k}": dataclasses.asdict(accuracy) for k, accuracy in self.accuracy.items()}
+        return {
+            **per_k,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "num_classes": self.num_classes,
+            "feature_dim": self.feature_dim,
+            "temperature": self.temperature,
+            "backend": self.backend,
+            **provenance_dict(self.provenance),
+        }
+
+
+def _count_hits(
+    searcher: ExactSearcher,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    settings: KnnSettings,
+    num_classes: int,
+    progress: bool,
+) -> dict[int, tuple[int, int]]:
+    """{k: (top-1 hits, top-5 hits)} of the test rows [n_test, d], searched ``settings.chunk_size`` rows at a time
+    (so the vote tensors stay small)."""
+    ks = [int(k) for k in settings.ks]
+    max_k = min(max(ks), searcher.num_train)
+    hits = {k: [0, 0] for k in ks}
+    chunk_size = max(1, int(settings.chunk_size))
+    starts = range(0, test_feats.shape[0], chunk_size)
+    for start in ProgressBar(
+        starts, desc=f"k-NN ({searcher.backend})", unit="chunk", disable=not progress, leave=False
+    ):
+        sims, indices = searcher.search(test_feats[start : start + chunk_size], max_k)
+        votes = knn_votes(sims, train_labels[indices], ks, settings.temperature, num_classes)
+        chunk_labels = test_labels[start : start + chunk_size]
+        for k, scores in votes.items():
+            counts = topk_correct(scores, chunk_labels, (1, 5))
+            hits[k][0] += counts[1]
+            hits[k][1] += counts[5]
+    return {k: (top1, top5) for k, (top1, top5) in hits.items()}
+
+
+def score_knn(
+    train: Tensor | Features,
+    train_labels: Tensor | None,
+    test: Tensor | Features,
+    test_labels: Tensor | None,
+    settings: KnnSettings | None = None,
+    *,
+    num_classes: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> KnnResult:
+    """k-NN top-1 / top-5 accuracy (percent) of ``test`` against ``train`` for each k of ``settings``.
+
+    ``train`` [n_train, d] and ``test`` [n_test, d] are feature tensors with their labels [n], or Features (their
+    ``settings.feature`` token and, unless labels are given, their targets; the result then records the feature
+    and the skipped images). ``num_classes`` defaults to the largest label + 1; the search runs on ``device``
+    (default: the test features' device).
+    """
+    settings = settings if settings is not None else KnnSettings()
+    train_feats, train_labels = feature_rows(train, train_labels, settings.feature, "train")
+    test_feats, test_labels = feature_rows(test, test_labels, settings.feature, "test")
+    if num_classes is None:
+        num_classes = count_classes(train_labels, test_labels)
+    if settings.normalize:
+        train_feats = F.normalize(train_feats.float(), dim=1)
+        test_feats = F.normalize(test_feats.float(), dim=1)
+    resolved = torch.device(device) if device is not None else test_feats.device
+    searcher = ExactSearcher(train_feats, settings.use_faiss, resolved, settings.train_chunk_size)
+    hits = _count_hits(searcher, train_labels, test_feats, test_labels, settings, num_classes, progress)
+    n_train, n_test = int(train_feats.shape[0]), int(test_feats.shape[0])
+    accuracy = {
+        k: KnnAccuracy(100.0 * top1 / max(n_test, 1), 100.0 * top5 / max(n_test, 1), min(k, n_train))
+        for k, (top1, top5) in hits.items()
+    }
+    return KnnResult(
+        accuracy,
+        n_train,
+        n_test,
+        num_classes,
+        int(train_feats.shape[1]),
+        float(settings.temperature),
+        searcher.backend,
+        Provenance.of(settings.feature, train, test),
+    )
+
+
 def knn_classify(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -199,8 +232,8 @@ def knn_classify(
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
-    chunk_size: int = 1024,
-    train_chunk_size: int = 65536,
+    chunk_size: int = defaults.KNN_CHUNK_SIZE,
+    train_chunk_size: int = defaults.KNN_TRAIN_CHUNK_SIZE,
     use_faiss: bool | str = "auto",
     normalize: bool = True,
     device: torch.device | str | None = None,
@@ -214,121 +247,68 @@ def knn_classify(
 
     Returns ``{"k10": {"top1", "top5", "k"}, ..., "num_train", "num_test", "num_classes", "feature_dim",
     "temperature", "backend"}`` where ``k`` is the effective (clipped) number of neighbours; top-5 is top-min(5, C)
-    and counts only classes that received votes (see :func:`topk_correct`).
+    and counts only classes that received votes (see :func:`topk_correct`). :func:`score_knn` as a dict.
     """
-    if not ks:
-        raise ConfigError("k-NN needs at least one k")
-    if any(int(k) < 1 for k in ks):
-        raise ConfigError(f"every k must be >= 1, got {list(ks)}")
-    if temperature <= 0:
-        raise ConfigError(f"the k-NN temperature must be > 0, got {temperature}")
-    train_labels = torch.as_tensor(train_labels).long().cpu()
-    test_labels = torch.as_tensor(test_labels).long().cpu()
-    if train_labels.shape[0] != train_feats.shape[0] or test_labels.shape[0] != test_feats.shape[0]:
-        raise ValueError("k-NN: features and labels must have the same number of rows")
-    if num_classes is None:
-        num_classes = int(max(train_labels.max().item(), test_labels.max().item()) + 1)
-    if normalize:
-        train_feats = F.normalize(train_feats.float(), dim=1)
-        test_feats = F.normalize(test_feats.float(), dim=1)
-    n_train = train_feats.shape[0]
-    max_k = min(max(int(k) for k in ks), n_train)
-    resolved = torch.device(device) if device is not None else test_feats.device
-    searcher = ExactSearcher(train_feats, use_faiss, resolved, train_chunk_size)
-    correct = {int(k): {1: 0, 5: 0} for k in ks}
-    chunk_size = max(1, int(chunk_size))
-    starts = range(0, test_feats.shape[0], chunk_size)
-    for start in ProgressBar(
-        starts, desc=f"k-NN ({searcher.backend})", unit="chunk", disable=not progress, leave=False
-    ):
-        sims, indices = searcher.search(test_feats[start : start + chunk_size], max_k)
-        votes = knn_votes(sims, train_labels[indices], ks, temperature, num_classes)
-        chunk_labels = test_labels[start : start + chunk_size]
-        for k, scores in votes.items():
-            counts = topk_correct(scores, chunk_labels, (1, 5))
-            correct[k][1] += counts[1]
-            correct[k][5] += counts[5]
-    n_test = test_feats.shape[0]
-    results: dict[str, Any] = {}
-    for k in ks:
-        k = int(k)
-        results[f"k{k}"] = {
-            "top1": 100.0 * correct[k][1] / max(n_test, 1),
-            "top5": 100.0 * correct[k][5] / max(n_test, 1),
-            "k": min(k, n_train),
-        }
-    results.update(
-        num_train=n_train,
-        num_test=n_test,
-        num_classes=num_classes,
-        feature_dim=int(train_feats.shape[1]),
-        temperature=float(temperature),
-        backend=searcher.backend,
+    settings = KnnSettings(
+        tuple(ks),
+        temperature,
+        use_faiss=use_faiss,
+        chunk_size=chunk_size,
+        train_chunk_size=train_chunk_size,
+        normalize=normalize,
     )
-    return results
+    result = score_knn(
+        train_feats,
+        train_labels,
+        test_feats,
+        test_labels,
+        settings,
+        num_classes=num_classes,
+        device=device,
+        progress=progress,
+    )
+    return result.to_dict()
 
 
 # --------------------------------------------------------------------------------------------------- model level
-def classification_datasets(train_root: str, val_root: str, size: int) -> tuple[Any, Any]:
-    """ImageFolder train and val data sets with the evaluation transform (resize, center-crop ``size``, ImageNet norm).
-
-    The val classes must be the train classes (same folder names), so labels mean the same thing in both.
-    """
-    from franca.data.augmentations import eval_transform
-    from franca.data.datasets import ImageFolderDataset
-
-    transform = eval_transform(size=size)
-    train = ImageFolderDataset(train_root, transform=transform)
-    val = ImageFolderDataset(val_root, transform=transform)
-    if list(train.classes) != list(val.classes):
-        missing = sorted(set(val.classes) - set(train.classes)) or sorted(
-            set(train.classes) - set(val.classes)
-        )
-        raise ConfigError(
-            f"{val_root}: its class folders differ from those of {train_root} (e.g. {missing[:3]}); "
-            "both must have the same class subfolders"
-        )
-    return train, val
-
-
 def evaluate_knn(
     model: torch.nn.Module,
     train_dataset: Any,
     val_dataset: Any,
-    ks: Sequence[int] = DEFAULT_KS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    batch_size: int = 64,
+    settings: KnnSettings | None = None,
+    *,
+    batch_size: int = defaults.EXTRACT_BATCH_SIZE,
     num_workers: int = 0,
     device: torch.device | str | None = None,
-    feature: str = "cls",
-    use_faiss: bool | str = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
-    """Extract ``feature`` (default the CLS token) for both data sets and run :func:`knn_classify`.
+) -> KnnResult:
+    """Extract ``settings.feature`` (default the CLS token) of both data sets and :func:`score_knn` them.
 
-    The data sets yield ``(image tensor, label)`` (or None for unreadable files); returns the k-NN results plus the
-    counts of skipped images.
+    The data sets yield ``(image tensor, label)`` (or None for unreadable files); the result records the feature
+    and the unreadable images skipped. Features are extracted and searched on ``device`` (default the model's).
     """
-    from franca.eval.features import extract_train_val_features
-
-    train, val, device = extract_train_val_features(
-        model, train_dataset, val_dataset, (feature,), batch_size, num_workers, device, progress
+    settings = settings if settings is not None else KnnSettings()
+    device = model_device(model, device)
+    train, val = split_features(
+        model,
+        train_dataset,
+        val_dataset,
+        (settings.feature,),
+        batch_size,
+        num_workers,
+        device,
+        progress=progress,
     )
-    num_classes = len(getattr(train_dataset, "classes", [])) or None
-    results = knn_classify(
-        train.features[feature],
-        train.labels,
-        val.features[feature],
-        val.labels,
-        ks=ks,
-        temperature=temperature,
-        num_classes=num_classes,
-        use_faiss=use_faiss,
+    return score_knn(
+        train,
+        None,
+        val,
+        None,
+        settings,
+        num_classes=dataset_classes(train_dataset),
         device=device,
         progress=progress,
     )
-    results.update(feature=feature, skipped_train=train.num_skipped, skipped_val=val.num_skipped)
-    return results
 
 
 def knn_table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:

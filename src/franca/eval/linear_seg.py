@@ -14,10 +14,16 @@ Protocol (method doc section 6):
 
 Not reproduced: Franca's random-resize augmentation and sliding-window / multi-scale testing (features here are
 precomputed once at one size).
+
+:class:`LinearSegSettings` holds the settings, :func:`score_linear_seg` trains the head on precomputed patch grids and
+masks (tensors, or :class:`~franca.features.Features`) and scores it into a :class:`LinearSegResult`, and
+:func:`evaluate_linear_segmentation` extracts the features of both splits with :mod:`franca.features` and scores them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,8 +32,18 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from franca.core.errors import ConfigError
+from franca.core.progress import ProgressBar
 from franca.eval import defaults
-from franca.eval.miou import confusion_matrix, miou_from_confusion, pixel_accuracy
+from franca.eval.common import model_device, split_features
+from franca.eval.metrics import confusion_matrix, miou_from_confusion, per_class_percent, pixel_accuracy
+from franca.eval.segmentation_data import (
+    IGNORE_INDEX,
+    TOKEN_CHOICES,
+    dense_split,
+    patch_token,
+    segmentation_classes,
+)
+from franca.features import Features
 
 OPTIMIZERS = defaults.SEG_OPTIMIZERS
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-3}
@@ -79,65 +95,141 @@ def evaluate_linear_head(
     return conf
 
 
-def train_linear_head(
-    train_features: Tensor,
-    train_masks: Tensor,
-    val_features: Tensor,
-    val_masks: Tensor,
-    num_classes: int,
-    epochs: int = 10,
-    batch_size: int = 16,
-    optimizer: str = "adamw",
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    momentum: float = 0.9,
-    seed: int = 0,
-    device: torch.device | None = None,
-    ignore_index: int = 255,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the linear head on precomputed features and evaluate it.
+@dataclass(frozen=True)
+class LinearSegSettings:
+    """Settings of the linear segmentation head.
 
-    ``*_features`` are patch grids [N, h, w, D] (fp32), ``*_masks`` label maps [N, H, W] (255 = ignore). Returns
-    ``miou`` (percent), ``per_class_iou`` [C] (fractions, NaN for absent classes), ``pixel_accuracy`` (percent),
-    ``train_loss`` (mean per epoch), the trained ``head`` and the resolved hyper-parameters.
+    ``epochs`` (>= 1) over the precomputed train features, ``batch_size`` images per step, ``optimizer`` ``adamw`` or
+    ``sgd`` with its ``lr`` and ``weight_decay`` (None: the optimiser's default, see ``DEFAULT_LR`` /
+    ``DEFAULT_WEIGHT_DECAY``) and SGD ``momentum``; ``n_last_blocks``: patch tokens of that many last blocks
+    concatenated; ``tokens``: ``auto`` / ``patch`` / ``rasa`` (:func:`~franca.eval.segmentation_data.patch_token`);
+    ``seed`` of the head's initialisation and of the batch order.
     """
-    from franca.core.progress import ProgressBar
 
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
-    if train_features.shape[0] != train_masks.shape[0]:
-        raise ValueError(f"{train_features.shape[0]} train feature grids but {train_masks.shape[0]} masks")
-    device = device or torch.device("cpu")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = LinearSegmentationHead(train_features.shape[-1], num_classes).to(device)
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    num_samples = train_features.shape[0]
-    batch_size = max(1, min(batch_size, num_samples))
-    steps_per_epoch = (num_samples + batch_size - 1) // batch_size
-    total_steps = epochs * steps_per_epoch
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    n_last_blocks: int = 1
+    tokens: str = "auto"
+    seed: int = 0
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--train-batch-size must be at least 1 (got {self.batch_size})")
+        if self.n_last_blocks < 1:
+            raise ConfigError(f"--n-last-blocks must be at least 1 (got {self.n_last_blocks})")
+        if self.tokens not in TOKEN_CHOICES:
+            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate used: ``lr`` or the optimiser's default."""
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        """The weight decay used: ``weight_decay`` or the optimiser's default."""
+        return DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
+
+
+@dataclass(frozen=True)
+class LinearSegResult:
+    """What :func:`score_linear_seg` measured: val mIoU and pixel accuracy (percent), per-class IoU (percent, None
+    for a class absent from the val set), the mean train loss per epoch, the hyper-parameters used, the sizes, the
+    trained ``head`` (not in :meth:`to_dict`) and (from Features) the unreadable images skipped."""
+
+    miou: float
+    per_class_iou: dict[str, float | None]
+    pixel_accuracy: float
+    train_loss: list[float]
+    optimizer: str
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    num_classes: int
+    n_last_blocks: int
+    feature_dim: int
+    num_train_images: int
+    num_val_images: int
+    head: nn.Module
+    num_skipped_train: int | None = None
+    num_skipped_val: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"miou", "per_class_iou", "pixel_accuracy", "train_loss", "optimizer", "lr", "weight_decay", "epochs",
+        "batch_size", "protocol": "linear-seg", "num_classes", "n_last_blocks", "feature_dim", "num_train_images",
+        "num_val_images", "num_skipped_train", "num_skipped_val"}`` (the last two when known)."""
+        skipped = {
+            key: value
+            for key, value in (
+                ("num_skipped_train", self.num_skipped_train),
+                ("num_skipped_val", self.num_skipped_val),
+            )
+            if value is not None
+        }
+        return {
+            "miou": self.miou,
+            "per_class_iou": dict(self.per_class_iou),
+            "pixel_accuracy": self.pixel_accuracy,
+            "train_loss": list(self.train_loss),
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "protocol": "linear-seg",
+            "num_classes": self.num_classes,
+            "n_last_blocks": self.n_last_blocks,
+            "feature_dim": self.feature_dim,
+            "num_train_images": self.num_train_images,
+            "num_val_images": self.num_val_images,
+            **skipped,
+        }
+
+
+def _optimizer(head: nn.Module, settings: LinearSegSettings) -> torch.optim.Optimizer:
+    lr, weight_decay = settings.resolved_lr, settings.resolved_weight_decay
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=settings.momentum, weight_decay=weight_decay)
+
+
+def _train_head(
+    head: nn.Module,
+    features: Tensor,
+    masks: Tensor,
+    settings: LinearSegSettings,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> list[float]:
+    """Train ``head`` on patch grids [N, h, w, D] and masks [N, S, S]: ``settings.epochs`` seeded shuffles in steps of
+    ``batch_size`` images, the learning rate decaying linearly to 0 per step. Returns the mean loss per epoch."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    opt = _optimizer(head, settings)
+    num_samples = features.shape[0]
+    total_steps = settings.epochs * ((num_samples + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total_steps))
-
     losses: list[float] = []
     bar = ProgressBar(total=total_steps, desc="linear-seg", unit="step", disable=not progress)
-    for _ in range(epochs):
+    for _ in range(settings.epochs):
         head.train()
         order = torch.randperm(num_samples, generator=generator)
         epoch_loss, counted = 0.0, 0
         for start in range(0, num_samples, batch_size):
             index = order[start : start + batch_size]
-            feats = _grid_to_channels(train_features[index].to(device))
-            target = train_masks[index].to(device).long()
-            logits = head(feats, tuple(target.shape[-2:]))
-            loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
+            target = masks[index].to(device).long()
+            logits = head(_grid_to_channels(features[index].to(device)), tuple(target.shape[-2:]))
+            loss = F.cross_entropy(logits, target, ignore_index=settings.ignore_index)
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):  # an all-ignored batch gives NaN: nothing to learn from it
                 loss.backward()
@@ -149,121 +241,101 @@ def train_linear_head(
         losses.append(epoch_loss / max(counted, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
+    return losses
 
-    conf = evaluate_linear_head(head, val_features, val_masks, num_classes, batch_size, device, ignore_index)
+
+def score_linear_seg(
+    train: Tensor | Features,
+    train_masks: Tensor | None,
+    val: Tensor | Features,
+    val_masks: Tensor | None,
+    settings: LinearSegSettings | None = None,
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> LinearSegResult:
+    """Train the linear head on precomputed features and score it on val.
+
+    ``train`` / ``val`` are patch grids [N, h, w, D] (fp32) with label masks [N, S, S] (255 = ignore), or Features
+    with the masks as targets. The head is initialised with ``torch.manual_seed(settings.seed)`` and trained on
+    ``device`` (default: the CPU).
+    """
+    settings = settings if settings is not None else LinearSegSettings()
+    train_features, train_masks = dense_split(train, train_masks, "train")
+    val_features, val_masks = dense_split(val, val_masks, "val")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    batch_size = max(1, min(settings.batch_size, train_features.shape[0]))
+    torch.manual_seed(settings.seed)
+    head = LinearSegmentationHead(train_features.shape[-1], num_classes).to(device)
+    losses = _train_head(head, train_features, train_masks, settings, batch_size, device, progress)
+    conf = evaluate_linear_head(
+        head, val_features, val_masks, num_classes, batch_size, device, settings.ignore_index
+    )
     miou, iou = miou_from_confusion(conf)
-    return {
-        "miou": 100.0 * miou,
-        "per_class_iou": iou,
-        "pixel_accuracy": 100.0 * pixel_accuracy(conf),
-        "train_loss": losses,
-        "head": head,
-        "optimizer": optimizer,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "epochs": epochs,
-        "batch_size": batch_size,
-    }
+    names = tuple(class_names or (f"class_{index}" for index in range(num_classes)))
+    return LinearSegResult(
+        miou=100.0 * miou,
+        per_class_iou=per_class_percent(iou, names),
+        pixel_accuracy=100.0 * pixel_accuracy(conf),
+        train_loss=losses,
+        optimizer=settings.optimizer,
+        lr=settings.resolved_lr,
+        weight_decay=settings.resolved_weight_decay,
+        epochs=settings.epochs,
+        batch_size=batch_size,
+        num_classes=num_classes,
+        n_last_blocks=settings.n_last_blocks,
+        feature_dim=int(train_features.shape[-1]),
+        num_train_images=int(train_features.shape[0]),
+        num_val_images=int(val_features.shape[0]),
+        head=head,
+        num_skipped_train=train.num_skipped if isinstance(train, Features) else None,
+        num_skipped_val=val.num_skipped if isinstance(val, Features) else None,
+    )
 
 
-def train_linear_segmentation(
+def evaluate_linear_segmentation(
     model: nn.Module,
     train_dataset: Dataset,
     val_dataset: Dataset,
-    epochs: int = 10,
-    train_batch_size: int = 16,
-    optimizer: str = "adamw",
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    momentum: float = 0.9,
-    n_last_blocks: int = 1,
+    settings: LinearSegSettings | None = None,
+    *,
     batch_size: int = 16,
     num_workers: int = 0,
-    device: torch.device | None = None,
-    tokens: str = "auto",
-    seed: int = 0,
+    device: torch.device | str | None = None,
     num_classes: int | None = None,
-    ignore_index: int = 255,
-) -> dict[str, Any]:
-    """Extract frozen patch features of both splits once, train the linear head, return the val metrics.
+    progress: bool = True,
+) -> LinearSegResult:
+    """Extract the frozen patch features of both splits once (items ``(image, mask)``; ``batch_size`` images per
+    forward pass), train the head and score it (:func:`score_linear_seg`).
 
-    ``batch_size`` is for feature extraction, ``train_batch_size`` for the head's steps. The result holds ``miou``
-    (percent), ``per_class_iou`` (class name -> percent, None for classes absent from the val set) and run facts; the
-    trained head is under ``head`` (drop it before writing JSON).
+    ``num_classes`` defaults to the largest of the two data sets' ``num_classes``; the class names are the val set's.
     """
-    import math
-
-    from franca.data.images import SkipCounter
-    from franca.eval.dense_features import collect_dense_features
-    from franca.eval.segmentation_data import make_segmentation_loader
-
-    device = device or torch.device("cpu")
-    if num_classes is None:
-        num_classes = max(
-            int(getattr(train_dataset, "num_classes", 0)), int(getattr(val_dataset, "num_classes", 0))
-        )
-    if num_classes < 1:
-        raise ConfigError("the number of classes is unknown; pass num_classes")
-    train_counter, val_counter = SkipCounter(), SkipCounter()
-    train_features, train_masks = collect_dense_features(
+    settings = settings if settings is not None else LinearSegSettings()
+    device = model_device(model, device)
+    num_classes, class_names = segmentation_classes(val_dataset, train_dataset, num_classes)
+    token = patch_token(model, settings.tokens, settings.n_last_blocks)
+    train, val = split_features(
         model,
-        make_segmentation_loader(train_dataset, batch_size, num_workers),
+        train_dataset,
+        val_dataset,
+        (token,),
+        batch_size,
+        num_workers,
         device,
-        num_classes,
-        tokens,
-        n_last_blocks,
-        train_counter,
-        desc="train features",
+        settings.n_last_blocks,
+        progress,
     )
-    val_features, val_masks = collect_dense_features(
-        model,
-        make_segmentation_loader(val_dataset, batch_size, num_workers),
-        device,
-        num_classes,
-        tokens,
-        n_last_blocks,
-        val_counter,
-        desc="val features",
-    )
-    result = train_linear_head(
-        train_features,
-        train_masks,
-        val_features,
-        val_masks,
-        num_classes,
-        epochs=epochs,
-        batch_size=train_batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        seed=seed,
+    return score_linear_seg(
+        train,
+        None,
+        val,
+        None,
+        settings,
+        num_classes=num_classes,
+        class_names=class_names,
         device=device,
-        ignore_index=ignore_index,
+        progress=progress,
     )
-    class_names = list(getattr(val_dataset, "class_names", []))
-    if len(class_names) != num_classes:
-        class_names = [f"class_{index}" for index in range(num_classes)]
-    iou = result.pop("per_class_iou")
-    result.update(
-        {
-            "protocol": "linear-seg",
-            "per_class_iou": {
-                name: (None if math.isnan(float(value)) else 100.0 * float(value))
-                for name, value in zip(class_names, iou)
-            },
-            "num_classes": num_classes,
-            "n_last_blocks": n_last_blocks,
-            "feature_dim": int(train_features.shape[-1]),
-            "num_train_images": train_counter.num_loaded,
-            "num_val_images": val_counter.num_loaded,
-            "num_skipped_train": train_counter.num_skipped,
-            "num_skipped_val": val_counter.num_skipped,
-        }
-    )
-    return result
-
-
-# The protocol's entry under the name every protocol's entry has (``evaluate_<protocol>``); the result holds the
-# trained head under ``head`` (drop it before writing JSON).
-evaluate_linear_segmentation = train_linear_segmentation

@@ -21,13 +21,18 @@ Protocol (method doc sections 5-6 and Leopart's ``overcluster.py``):
      (``scipy.optimize.linear_sum_assignment``); unmatched clusters (only when K exceeds the classes) go to class 0.
 
    ``matching="greedy"`` or ``"hungarian"`` forces one rule for every K.
-5. mIoU of the matched prediction (one confusion matrix over the val set, :mod:`franca.eval.miou`; classes absent
+5. mIoU of the matched prediction (one confusion matrix over the val set, :mod:`franca.eval.metrics`; classes absent
    from both target and prediction left out of the mean), averaged over the seeds. Reported in percent.
+
+:class:`OverclusteringSettings` holds the settings, :func:`score_overclustering` scores val patch grids and masks
+(tensors, or :class:`~franca.features.Features`) into an :class:`OverclusteringResult`, and
+:func:`evaluate_overclustering` extracts the val features with :mod:`franca.features` and scores them.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +42,24 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from franca.core.errors import ConfigError
+from franca.core.progress import ProgressBar
 from franca.eval import defaults
-from franca.eval.miou import confusion_matrix, miou_from_confusion
+from franca.eval.common import dataset_features, model_device
+from franca.eval.metrics import (
+    confusion_matrix,
+    mean_and_std,
+    miou_from_confusion,
+    pca_scores,
+    per_class_percent,
+)
+from franca.eval.segmentation_data import (
+    IGNORE_INDEX,
+    TOKEN_CHOICES,
+    dense_split,
+    patch_token,
+    segmentation_classes,
+)
+from franca.features import Features
 
 MATCHING = defaults.MATCHING
 BACKENDS = defaults.KMEANS_BACKENDS
@@ -131,14 +152,13 @@ def overclustering_miou(
 
 # ------------------------------------------------------------------------------------------------ clustering
 def standardize_and_reduce(features: np.ndarray, pca_dim: int | None = DEFAULT_PCA_DIM) -> np.ndarray:
-    """Standardise features [P, D] per dimension, then PCA to min(pca_dim, D, P) dimensions; float32 [P, d]."""
-    from sklearn.decomposition import PCA
+    """Standardise features [P, D] per dimension, then PCA (:func:`franca.eval.metrics.pca_scores`) to
+    min(pca_dim, D, P) dimensions; float32 [P, d]."""
     from sklearn.preprocessing import StandardScaler
 
     reduced = StandardScaler().fit_transform(np.asarray(features, dtype=np.float32))
     if pca_dim is not None:
-        dim = min(pca_dim, reduced.shape[1], reduced.shape[0])
-        reduced = PCA(n_components=dim, svd_solver="full").fit_transform(reduced)
+        reduced = pca_scores(reduced, pca_dim)
     return np.ascontiguousarray(reduced, dtype=np.float32)
 
 
@@ -184,90 +204,214 @@ def kmeans_assign(
     return model.fit_predict(features).astype(np.int64)
 
 
-# ------------------------------------------------------------------------------------------------ model level
+# ------------------------------------------------------------------------------------------------ protocol
+@dataclass(frozen=True)
+class OverclusteringSettings:
+    """Settings of the overclustering protocol.
+
+    ``clusters``: the values of K (each >= 1; duplicates scored once); ``seeds``: one k-means run per seed (mIoU
+    averaged); ``pca_dim``: PCA dimensions after standardisation (None: no PCA); ``mask_size``: side of the evaluated
+    masks (clipped to the masks'); ``matching``: ``auto`` / ``greedy`` / ``hungarian``; ``niter`` / ``nredo``:
+    k-means iterations and restarts; ``backend``: ``auto`` / ``faiss`` / ``sklearn``; ``tokens``: ``auto`` /
+    ``patch`` / ``rasa`` (:func:`~franca.eval.segmentation_data.patch_token`).
+    """
+
+    clusters: Sequence[int] = DEFAULT_CLUSTERS
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    pca_dim: int | None = DEFAULT_PCA_DIM
+    mask_size: int = DEFAULT_MASK_SIZE
+    matching: str = "auto"
+    niter: int = 100
+    nredo: int = 5
+    backend: str = "auto"
+    tokens: str = "auto"
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if not self.clusters or min(self.clusters) < 1:
+            raise ConfigError(f"--clusters must be positive numbers (got {list(self.clusters)})")
+        if self.matching not in MATCHING:
+            raise ConfigError(f"--matching {self.matching!r} is not one of {', '.join(MATCHING)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--kmeans-backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.tokens not in TOKEN_CHOICES:
+            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class ClusterScore:
+    """The mIoU (percent) of one K for each seed, the K used (clipped to the patches), the matching rule and the
+    per-class IoU averaged over the seeds (percent, None for an absent class)."""
+
+    miou_per_seed: list[float]
+    clusters: int
+    matching: str
+    per_class_iou: dict[str, float | None]
+
+    @property
+    def miou(self) -> float:
+        """Mean mIoU over the seeds (percent)."""
+        return mean_and_std(self.miou_per_seed)[0]
+
+    @property
+    def miou_std(self) -> float:
+        """Population standard deviation of the mIoU over the seeds."""
+        return mean_and_std(self.miou_per_seed)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"miou", "miou_std", "miou_per_seed", "clusters", "matching", "per_class_iou"}``."""
+        return {
+            "miou": self.miou,
+            "miou_std": self.miou_std,
+            "miou_per_seed": list(self.miou_per_seed),
+            "clusters": self.clusters,
+            "matching": self.matching,
+            "per_class_iou": dict(self.per_class_iou),
+        }
+
+
+@dataclass(frozen=True)
+class OverclusteringResult:
+    """What :func:`score_overclustering` measured: a :class:`ClusterScore` per K, the seeds, the classes, the PCA
+    width used (None: no PCA), the evaluated mask side, the k-means backend and its iterations and restarts, the
+    number of patches clustered and of val images, and (from Features) the unreadable val images skipped."""
+
+    scores: dict[int, ClusterScore]
+    seeds: list[int]
+    num_classes: int
+    pca_dim: int | None
+    mask_size: int
+    kmeans_backend: str
+    niter: int
+    nredo: int
+    num_patches: int
+    num_val_images: int
+    num_skipped_val: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"protocol": "overcluster", "k<K>": ClusterScore dict ..., "seeds", "num_classes", "pca_dim",
+        "mask_size", "kmeans_backend", "niter", "nredo", "num_patches", "num_val_images", "num_skipped_val"}`` (the
+        last when known)."""
+        skipped = {"num_skipped_val": self.num_skipped_val} if self.num_skipped_val is not None else {}
+        return {
+            "protocol": "overcluster",
+            **{f"k{k}": score.to_dict() for k, score in self.scores.items()},
+            "seeds": list(self.seeds),
+            "num_classes": self.num_classes,
+            "pca_dim": self.pca_dim,
+            "mask_size": self.mask_size,
+            "kmeans_backend": self.kmeans_backend,
+            "niter": self.niter,
+            "nredo": self.nredo,
+            "num_patches": self.num_patches,
+            "num_val_images": self.num_val_images,
+            **skipped,
+        }
+
+
+def _cluster_scores(
+    reduced: np.ndarray,
+    grid: tuple[int, int, int],
+    masks: Tensor,
+    settings: OverclusteringSettings,
+    num_classes: int,
+    class_names: Sequence[str],
+    progress: bool,
+) -> dict[int, ClusterScore]:
+    """A :class:`ClusterScore` per K: k-means of the reduced patch features [P, d] per seed, cluster maps of shape
+    ``grid`` (N, h, w) matched to the masks [N, S, S]."""
+    clusters = list(dict.fromkeys(int(k) for k in settings.clusters))
+    backend = resolve_backend(settings.backend)
+    outcomes: dict[int, list[dict[str, Any]]] = {k: [] for k in clusters}
+    jobs = [(k, seed) for k in clusters for seed in (list(settings.seeds) or [0])]
+    for k, seed in ProgressBar(jobs, desc="k-means", unit="run", leave=False, disable=not progress):
+        k_used = min(k, reduced.shape[0])
+        assignment = kmeans_assign(reduced, k_used, seed, settings.niter, settings.nredo, backend)
+        cluster_maps = torch.from_numpy(assignment).reshape(grid)
+        outcomes[k].append(
+            overclustering_miou(
+                cluster_maps,
+                masks,
+                k_used,
+                num_classes,
+                settings.matching,
+                settings.mask_size,
+                settings.ignore_index,
+            )
+        )
+    return {
+        k: ClusterScore(
+            miou_per_seed=[100.0 * outcome["miou"] for outcome in runs],
+            clusters=min(k, reduced.shape[0]),
+            matching=runs[0]["matching"],
+            per_class_iou=per_class_percent(
+                torch.stack([outcome["per_class_iou"] for outcome in runs]).mean(dim=0), class_names
+            ),
+        )
+        for k, runs in outcomes.items()
+    }
+
+
+def score_overclustering(
+    features: Tensor | Features,
+    masks: Tensor | None,
+    settings: OverclusteringSettings | None = None,
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> OverclusteringResult:
+    """Overclustering mIoU (percent, mean over seeds) of val patch grids [N, h, w, D] against their label masks
+    [N, S, S] (tensors, or Features with the masks as targets) for each K of ``settings.clusters``."""
+    settings = settings if settings is not None else OverclusteringSettings()
+    grids, masks = dense_split(features, masks, "val")
+    count, rows, cols, dim = grids.shape
+    reduced = standardize_and_reduce(grids.reshape(-1, dim).cpu().numpy(), settings.pca_dim)
+    masks = masks.long().cpu()
+    names = tuple(class_names or (f"class_{index}" for index in range(num_classes)))
+    scores = _cluster_scores(reduced, (count, rows, cols), masks, settings, num_classes, names, progress)
+    return OverclusteringResult(
+        scores=scores,
+        seeds=list(settings.seeds) or [0],
+        num_classes=num_classes,
+        pca_dim=None if settings.pca_dim is None else int(reduced.shape[1]),
+        mask_size=min(settings.mask_size, masks.shape[-1], masks.shape[-2]),
+        kmeans_backend=resolve_backend(settings.backend),
+        niter=settings.niter,
+        nredo=settings.nredo,
+        num_patches=int(reduced.shape[0]),
+        num_val_images=count,
+        num_skipped_val=features.num_skipped if isinstance(features, Features) else None,
+    )
+
+
 @torch.no_grad()
 def evaluate_overclustering(
     model: nn.Module,
     val_dataset: Dataset,
-    clusters: list[int] | tuple[int, ...] = DEFAULT_CLUSTERS,
-    seeds: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4),
-    pca_dim: int | None = DEFAULT_PCA_DIM,
-    mask_size: int = DEFAULT_MASK_SIZE,
-    matching: str = "auto",
-    niter: int = 100,
-    nredo: int = 5,
-    backend: str = "auto",
+    settings: OverclusteringSettings | None = None,
+    *,
     batch_size: int = 16,
     num_workers: int = 0,
-    device: torch.device | None = None,
-    tokens: str = "auto",
+    device: torch.device | str | None = None,
     num_classes: int | None = None,
-    ignore_index: int = 255,
-) -> dict[str, Any]:
-    """Run the overclustering protocol on the val set; one entry ``k<K>`` per K with mIoU (percent) over seeds."""
-    from franca.core.progress import ProgressBar
-    from franca.data.images import SkipCounter
-    from franca.eval.dense_features import collect_dense_features
-    from franca.eval.segmentation_data import make_segmentation_loader
-
-    if not clusters or min(clusters) < 1:
-        raise ConfigError(f"--clusters must be positive numbers (got {list(clusters)})")
-    clusters = list(dict.fromkeys(int(k) for k in clusters))
-    seeds = list(seeds) or [0]
-    device = device or torch.device("cpu")
-    num_classes = int(num_classes or getattr(val_dataset, "num_classes", 0))
-    if num_classes < 1:
-        raise ConfigError("the number of classes is unknown; pass num_classes")
-    counter = SkipCounter()
-    loader = make_segmentation_loader(val_dataset, batch_size, num_workers)
-    grids, masks = collect_dense_features(
-        model, loader, device, num_classes, tokens, 1, counter, "val features"
+    progress: bool = True,
+) -> OverclusteringResult:
+    """Extract the val patch features (items ``(image, mask)``; unreadable ones skipped and counted) with
+    :mod:`franca.features` and :func:`score_overclustering` them; the classes are the data set's."""
+    settings = settings if settings is not None else OverclusteringSettings()
+    num_classes, class_names = segmentation_classes(val_dataset, num_classes=num_classes)
+    token = patch_token(model, settings.tokens)
+    features = dataset_features(
+        model,
+        val_dataset,
+        (token,),
+        batch_size,
+        num_workers,
+        model_device(model, device),
+        desc="val features",
+        progress=progress,
     )
-    num_images, rows, cols, dim = grids.shape
-    reduced = standardize_and_reduce(grids.reshape(-1, dim).numpy(), pca_dim)
-    masks = masks.long()
-    backend_used = resolve_backend(backend)
-    class_names = list(getattr(val_dataset, "class_names", []))
-    if len(class_names) != num_classes:
-        class_names = [f"class_{index}" for index in range(num_classes)]
-
-    results: dict[str, Any] = {"protocol": "overcluster"}
-    jobs = [(k, seed) for k in clusters for seed in seeds]
-    per_k: dict[int, list[dict[str, Any]]] = {k: [] for k in clusters}
-    for k, seed in ProgressBar(jobs, desc="k-means", unit="run", leave=False):
-        k_used = min(k, reduced.shape[0])
-        assignment = kmeans_assign(reduced, k_used, seed, niter, nredo, backend_used)
-        cluster_maps = torch.from_numpy(assignment).reshape(num_images, rows, cols)
-        per_k[k].append(
-            overclustering_miou(cluster_maps, masks, k_used, num_classes, matching, mask_size, ignore_index)
-        )
-    for k, outcomes in per_k.items():
-        values = [100.0 * outcome["miou"] for outcome in outcomes]
-        mean = sum(values) / len(values)
-        iou = torch.stack([outcome["per_class_iou"] for outcome in outcomes]).mean(dim=0)
-        results[f"k{k}"] = {
-            "miou": mean,
-            "miou_std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)),
-            "miou_per_seed": values,
-            "clusters": min(k, reduced.shape[0]),
-            "matching": outcomes[0]["matching"],
-            "per_class_iou": {
-                name: (None if math.isnan(float(v)) else 100.0 * float(v))
-                for name, v in zip(class_names, iou)
-            },
-        }
-    results.update(
-        {
-            "seeds": seeds,
-            "num_classes": num_classes,
-            "pca_dim": None if pca_dim is None else int(reduced.shape[1]),
-            "mask_size": min(mask_size, masks.shape[-1], masks.shape[-2]),
-            "kmeans_backend": backend_used,
-            "niter": niter,
-            "nredo": nredo,
-            "num_patches": int(reduced.shape[0]),
-            "num_val_images": counter.num_loaded,
-            "num_skipped_val": counter.num_skipped,
-        }
+    return score_overclustering(
+        features, None, settings, num_classes=num_classes, class_names=class_names, progress=progress
     )
-    return results

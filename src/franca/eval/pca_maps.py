@@ -6,7 +6,11 @@ With a ``foreground_threshold`` the DINOv2 demo's recipe is followed: the first 
 patches above the threshold (below with ``invert_foreground``: the sign of a principal component is arbitrary) are
 foreground, the PCA is refitted on the foreground patches only and the background is drawn black. Maps are
 upsampled with nearest neighbour to the image size and saved as a PNG grid, one row per image: the (resized) image,
-then its map.
+then its map. The principal components are scikit-learn's (:func:`franca.eval.metrics.pca_scores`).
+
+:class:`PcaSettings` holds the settings, :func:`score_pca` turns patch grids into :class:`PcaMaps` (pure), and
+:func:`evaluate_pca` reads images, extracts their patch features with :mod:`franca.features`, draws the grid and saves
+it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +27,22 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from franca.core.errors import DataError
+from franca.core.errors import ConfigError, DataError
+from franca.eval.common import check_input_size, model_device
+from franca.eval.metrics import pca_scores
+from franca.eval.segmentation_data import RESIZE_MODES, TOKEN_CHOICES, patch_token, resize_square
+from franca.features import TensorImages, extract_features
 
 DEFAULT_MARGIN = 4
 MIN_FOREGROUND_PATCHES = 3
 
 
 def _principal_components(features: np.ndarray, count: int) -> np.ndarray:
-    """Projections [N, count] of features [N, D] on their first principal components (zeros where undefined)."""
-    from sklearn.decomposition import PCA
-
-    usable = min(count, features.shape[1], features.shape[0])
+    """Projections [N, count] (float64) of features [N, D] on their first principal components (zeros where
+    undefined: fewer components than ``count``, or fewer than 2 rows)."""
     projected = np.zeros((features.shape[0], count), dtype=np.float64)
-    if usable > 0 and features.shape[0] > 1:
-        projected[:, :usable] = PCA(n_components=usable, svd_solver="full").fit_transform(features)
+    scores = pca_scores(features, count)
+    projected[:, : scores.shape[1]] = scores
     return projected
 
 
@@ -72,6 +79,55 @@ def pca_rgb(
     return colours, foreground
 
 
+@dataclass(frozen=True)
+class PcaSettings:
+    """Settings of the PCA maps: the image side ``size`` (a multiple of the patch size), the optional
+    ``foreground_threshold`` (and ``invert_foreground``), ``tokens`` (``auto`` / ``patch`` / ``rasa``, see
+    :func:`~franca.eval.segmentation_data.patch_token`), ``resize_mode`` (``resize`` / ``crop``) and the grid's
+    ``margin`` in pixels."""
+
+    size: int = 224
+    foreground_threshold: float | None = None
+    invert_foreground: bool = False
+    tokens: str = "auto"
+    resize_mode: str = "resize"
+    margin: int = DEFAULT_MARGIN
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"--size must be positive (got {self.size})")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"--resize-mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.tokens not in TOKEN_CHOICES:
+            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class PcaMaps:
+    """The maps of N images: ``colours`` [N, h, w, 3] uint8 and ``foreground`` [N, h, w] bool."""
+
+    colours: np.ndarray
+    foreground: np.ndarray
+
+    def images(self, size: int) -> list[Image.Image]:
+        """Each map as a ``size`` x ``size`` RGB image, upsampled with nearest neighbour (one flat block a patch)."""
+        return [
+            Image.fromarray(colour).resize((size, size), Image.Resampling.NEAREST) for colour in self.colours
+        ]
+
+
+def score_pca(patch: Tensor | np.ndarray, settings: PcaSettings | None = None) -> PcaMaps:
+    """The PCA maps of patch grids [N, h, w, D]: the first three principal components of all their patches, fitted
+    jointly, as RGB (see the module docstring); ``settings`` gives the foreground threshold."""
+    settings = settings if settings is not None else PcaSettings()
+    count, rows, cols, dim = patch.shape
+    colours, foreground = pca_rgb(
+        patch.reshape(-1, dim), settings.foreground_threshold, settings.invert_foreground
+    )
+    colours = (colours.reshape(count, rows, cols, 3) * 255.0).round().astype(np.uint8)
+    return PcaMaps(colours, foreground.reshape(count, rows, cols))
+
+
 def compose_grid(
     images: Sequence[Image.Image], maps: Sequence[Image.Image], margin: int = DEFAULT_MARGIN
 ) -> Image.Image:
@@ -92,86 +148,62 @@ def compose_grid(
     return canvas
 
 
-def _prepare(image: Image.Image, size: int, resize_mode: str) -> tuple[Image.Image, Tensor]:
-    """(displayed S x S RGB image, normalised tensor [3, S, S]) with the evaluation resize / crop."""
-    from torchvision.transforms.v2 import InterpolationMode
+def _read_images(
+    images: Sequence[str | os.PathLike | Image.Image], size: int, resize_mode: str
+) -> tuple[Tensor, int]:
+    """(the readable images resized to S x S as uint8 [n, 3, S, S], the number of unreadable ones skipped with a
+    warning); DataError when none is readable."""
     from torchvision.transforms.v2 import functional as TF
 
-    from franca.eval.segmentation_data import IMAGENET_MEAN, IMAGENET_STD
+    from franca.data.images import UnreadableImageError, load_image
 
-    tensor = TF.pil_to_tensor(image)
-    if resize_mode == "crop":
-        tensor = TF.center_crop(
-            TF.resize(tensor, size, InterpolationMode.BILINEAR, antialias=True), [size, size]
-        )
-    else:
-        tensor = TF.resize(tensor, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    shown = Image.fromarray(tensor.permute(1, 2, 0).numpy())
-    normalised = TF.normalize(tensor.float() / 255.0, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    return shown, normalised
+    tensors, skipped = [], 0
+    for item in images:
+        try:
+            image = item.convert("RGB") if isinstance(item, Image.Image) else load_image(item)
+        except UnreadableImageError as error:
+            warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
+            skipped += 1
+            continue
+        tensors.append(resize_square(TF.pil_to_tensor(image), size, resize_mode))
+    if not tensors:
+        raise DataError(f"none of the {len(images)} images could be read; nothing to show")
+    return torch.stack(tensors), skipped
 
 
 @torch.no_grad()
 def pca_feature_maps(
     model: nn.Module,
     images: Sequence[str | os.PathLike | Image.Image],
-    size: int = 224,
-    foreground_threshold: float | None = None,
-    invert_foreground: bool = False,
-    tokens: str = "auto",
-    device: torch.device | None = None,
-    resize_mode: str = "resize",
+    settings: PcaSettings | None = None,
+    *,
+    device: torch.device | str | None = None,
     batch_size: int = 8,
-    margin: int = DEFAULT_MARGIN,
+    progress: bool = False,
 ) -> Image.Image:
     """PNG-ready grid (PIL RGB image) of each image beside the RGB map of its patch features' first 3 components.
 
     ``images`` are paths or PIL images; unreadable paths are skipped with a warning (DataError when none is left).
     The number of images shown and skipped is stored in ``grid.info["num_images"]`` / ``["num_skipped"]``.
     """
-    from franca.data.images import UnreadableImageError, load_image
-    from franca.eval.common import check_input_size
-    from franca.eval.dense_features import extract_patch_grid
-
-    check_input_size(size, int(model.patch_size))
-    device = device or next(model.parameters()).device
-    shown, tensors, skipped = [], [], 0
-    for item in images:
-        try:
-            image = item.convert("RGB") if isinstance(item, Image.Image) else load_image(item)
-        except UnreadableImageError as error:
-            warnings.warn(f"skipping unreadable image: {error}", stacklevel=2)
-            skipped += 1
-            continue
-        display, tensor = _prepare(image, size, resize_mode)
-        shown.append(display)
-        tensors.append(tensor)
-    if not tensors:
-        raise DataError(f"none of the {len(images)} images could be read; nothing to show")
-    grids = [
-        extract_patch_grid(model, torch.stack(tensors[start : start + batch_size]).to(device), tokens).cpu()
-        for start in range(0, len(tensors), batch_size)
-    ]
-    features = torch.cat(grids)
-    count, rows, cols, dim = features.shape
-    colours, _ = pca_rgb(features.reshape(-1, dim), foreground_threshold, invert_foreground)
-    colours = (colours.reshape(count, rows, cols, 3) * 255.0).round().astype(np.uint8)
-    maps = [Image.fromarray(colour).resize((size, size), Image.Resampling.NEAREST) for colour in colours]
-    grid = compose_grid(shown, maps, margin)
+    settings = settings if settings is not None else PcaSettings()
+    check_input_size(settings.size, int(model.patch_size))
+    pixels, skipped = _read_images(images, settings.size, settings.resize_mode)
+    token = patch_token(model, settings.tokens)
+    features = extract_features(
+        model,
+        TensorImages(pixels, batch_size=batch_size),
+        (token,),
+        model_device(model, device),
+        desc="pca",
+        progress=progress,
+    )
+    maps = score_pca(features[token], settings).images(settings.size)
+    shown = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
+    grid = compose_grid(shown, maps, settings.margin)
     grid.info["num_images"] = len(shown)
     grid.info["num_skipped"] = skipped
     return grid
-
-
-def save_pca_maps(
-    model: nn.Module,
-    images: Sequence[str | os.PathLike | Image.Image],
-    output_dir: str | os.PathLike,
-    filename: str = "pca_maps.png",
-    **kwargs: Any,
-) -> Path:
-    """Write :func:`pca_feature_maps` as ``output_dir/filename`` (PNG) and return the path."""
-    return save_grid(pca_feature_maps(model, images, **kwargs), output_dir, filename)
 
 
 def save_grid(grid: Image.Image, output_dir: str | os.PathLike, filename: str = "pca_maps.png") -> Path:
@@ -183,41 +215,43 @@ def save_grid(grid: Image.Image, output_dir: str | os.PathLike, filename: str = 
     return path
 
 
+@dataclass(frozen=True)
+class PcaResult:
+    """What :func:`evaluate_pca` wrote: the PNG grid's path, the images shown and skipped, the side and threshold."""
+
+    grid: Path
+    num_images: int
+    num_skipped: int
+    size: int
+    foreground_threshold: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"protocol": "pca", "grid", "num_images", "num_skipped", "size", "foreground_threshold"}``."""
+        return {
+            "protocol": "pca",
+            "grid": str(self.grid),
+            "num_images": self.num_images,
+            "num_skipped": self.num_skipped,
+            "size": self.size,
+            "foreground_threshold": self.foreground_threshold,
+        }
+
+
 def evaluate_pca(
     model: nn.Module,
     images: Sequence[str | os.PathLike | Image.Image],
     output_dir: str | os.PathLike,
+    settings: PcaSettings | None = None,
+    *,
     filename: str = "pca_maps.png",
-    size: int = 224,
-    foreground_threshold: float | None = None,
-    invert_foreground: bool = False,
-    tokens: str = "auto",
-    device: torch.device | None = None,
-    resize_mode: str = "resize",
+    device: torch.device | str | None = None,
     batch_size: int = 8,
-) -> dict[str, Any]:
-    """Draw the PCA maps of ``images`` (:func:`pca_feature_maps`), save them as ``output_dir/filename``.
-
-    Returns ``{"protocol": "pca", "grid" (the PNG's path), "num_images", "num_skipped", "size",
-    "foreground_threshold"}``.
-    """
-    grid = pca_feature_maps(
-        model,
-        images,
-        size=size,
-        foreground_threshold=foreground_threshold,
-        invert_foreground=invert_foreground,
-        tokens=tokens,
-        device=device,
-        resize_mode=resize_mode,
-        batch_size=batch_size,
-    )
+    progress: bool = False,
+) -> PcaResult:
+    """Draw the PCA maps of ``images`` (:func:`pca_feature_maps`) and save them as ``output_dir/filename`` (PNG)."""
+    settings = settings if settings is not None else PcaSettings()
+    grid = pca_feature_maps(model, images, settings, device=device, batch_size=batch_size, progress=progress)
     path = save_grid(grid, output_dir, filename)
-    return {
-        "protocol": "pca",
-        "grid": str(path),
-        "num_images": grid.info["num_images"],
-        "num_skipped": grid.info["num_skipped"],
-        "size": size,
-        "foreground_threshold": foreground_threshold,
-    }
+    return PcaResult(
+        path, grid.info["num_images"], grid.info["num_skipped"], settings.size, settings.foreground_threshold
+    )

@@ -23,11 +23,17 @@ Label 0 is a class (background, the VOC convention) unless ``ignore_background=T
 shifts the other labels down by one (mmsegmentation's ``reduce_zero_label``; used e.g. for COCO-Thing in Leopart).
 
 Robustness: an unreadable image or mask (missing, empty, corrupt) is skipped: ``dataset[i]`` returns ``None`` after
-one warning, and :func:`franca.data.images.collate_skip_none` drops and counts it (use :func:`make_segmentation_loader`
-and a :class:`franca.data.images.SkipCounter`); list entries without a file are dropped at listing time and counted in
+one warning, and :func:`franca.data.images.collate_skip_none` drops and counts it (load it with
+:func:`franca.eval.common.make_loader`; :func:`franca.eval.common.dataset_features` extracts its features with the
+masks as targets); list entries without a file are dropped at listing time and counted in
 :attr:`SegmentationDataset.num_missing`. A mask whose size differs from its image's, a colour (RGB) mask, or a label
 outside ``[0, num_classes)`` is a :class:`~franca.core.errors.DataError` naming the files, since it means the data set
 itself is inconsistent.
+
+What the dense protocols (HummingBird, linear segmentation, overclustering, PCA maps) share beyond the data is here
+too: :func:`patch_token` (which :mod:`franca.features` token their ``--tokens`` choice names), :func:`dense_split`
+(a split's patch grids and masks, from tensors or :class:`~franca.features.Features`) and
+:func:`segmentation_classes` (the number and names of the classes).
 """
 
 from __future__ import annotations
@@ -41,17 +47,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError
 from franca.eval import defaults
+from franca.features import Features
 
 IGNORE_INDEX = 255
 LAYOUTS = defaults.LAYOUTS
 RESIZE_MODES = defaults.RESIZE_MODES
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+TOKEN_CHOICES = defaults.TOKEN_CHOICES
 VOC_CLASSES: tuple[str, ...] = (
     "background",
     "aeroplane",
@@ -334,21 +341,27 @@ def _transform_pair(
     std: Sequence[float],
 ) -> tuple[Tensor, Tensor]:
     """Apply the same resize (/crop) to image and mask; normalise the image. Returns ([3,S,S] float, [S,S] int64)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image_tensor = resize_square(TF.pil_to_tensor(image), size, resize_mode)  # uint8 [3, S, S]
+    mask_tensor = resize_square(torch.from_numpy(mask).unsqueeze(0), size, resize_mode, nearest=True)
+    image_float = TF.normalize(image_tensor.float() / 255.0, list(mean), list(std))
+    return image_float, mask_tensor[0].long()
+
+
+def resize_square(tensor: Tensor, size: int, resize_mode: str = "resize", nearest: bool = False) -> Tensor:
+    """[C, H, W] -> [C, S, S] with the evaluation geometry: ``"resize"`` both sides to S, ``"crop"`` the shorter side
+    to S then the centre S x S. Images are resized bilinearly with antialiasing, label maps (``nearest``) with nearest
+    neighbour so that labels are never blended."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    image_tensor = TF.pil_to_tensor(image)  # uint8 [3, H, W]
-    mask_tensor = torch.from_numpy(mask).unsqueeze(0)  # int64 [1, H, W]
+    if resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
     if resize_mode == "resize":
-        image_tensor = TF.resize(image_tensor, [size, size], InterpolationMode.BILINEAR, antialias=True)
-        mask_tensor = TF.resize(mask_tensor, [size, size], InterpolationMode.NEAREST)
-    else:
-        image_tensor = TF.resize(image_tensor, size, InterpolationMode.BILINEAR, antialias=True)
-        mask_tensor = TF.resize(mask_tensor, size, InterpolationMode.NEAREST)
-        image_tensor = TF.center_crop(image_tensor, [size, size])
-        mask_tensor = TF.center_crop(mask_tensor, [size, size])
-    image_float = TF.normalize(image_tensor.float() / 255.0, list(mean), list(std))
-    return image_float, mask_tensor[0].long()
+        return TF.resize(tensor, [size, size], mode, antialias=True)
+    return TF.center_crop(TF.resize(tensor, size, mode, antialias=True), [size, size])
 
 
 class SegmentationDataset(Dataset):
@@ -476,27 +489,6 @@ class SegmentationDataset(Dataset):
         }
 
 
-def make_segmentation_loader(
-    dataset: Dataset, batch_size: int = 16, num_workers: int = 0, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """DataLoader of :class:`franca.data.images.Batch` (``inputs`` images [B,3,S,S], ``targets`` masks [B,S,S]).
-
-    Unreadable samples are dropped by :func:`franca.data.images.collate_skip_none` and counted in ``num_skipped``.
-    """
-    from franca.data.images import collate_skip_none
-
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
-    )
-
-
 def build_segmentation_datasets(
     val_root: str | os.PathLike,
     train_root: str | os.PathLike | None = None,
@@ -532,3 +524,63 @@ def build_segmentation_datasets(
             dataset.num_classes = larger.num_classes
             dataset.class_names = larger.class_names
     return train_dataset, val_dataset
+
+
+# ------------------------------------------------------------------------------------------------ dense protocols
+def patch_token(model: nn.Module, tokens: str = "auto", n_blocks: int = 1) -> str:
+    """The :mod:`franca.features` token that a dense protocol's ``--tokens`` choice names for ``model``.
+
+    ``"patch"``: the final-norm patch tokens (``patch``, or ``patch_blocks`` when ``n_blocks`` > 1: the last blocks
+    concatenated along channels); ``"rasa"``: the RASA tokens ``patch_rasa`` (ConfigError without a RASA head);
+    ``"auto"``: RASA tokens when a RASA head is attached (the paper evaluates dense tasks with RASA), else patch.
+    Several blocks are only defined for the raw patch tokens.
+    """
+    if tokens not in TOKEN_CHOICES:
+        raise ConfigError(f"tokens {tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+    has_rasa = getattr(model, "rasa", None) is not None
+    if tokens == "rasa" and not has_rasa:
+        raise ConfigError("--tokens rasa: the model has no RASA head; attach one with --rasa HEAD")
+    rasa = tokens == "rasa" or (tokens == "auto" and has_rasa)
+    if n_blocks > 1:
+        if rasa:
+            raise ConfigError("several last blocks (--n-last-blocks > 1) cannot be combined with RASA tokens")
+        return "patch_blocks"
+    return "patch_rasa" if rasa else "patch"
+
+
+def dense_split(features: Tensor | Features, masks: Tensor | None, split: str) -> tuple[Tensor, Tensor]:
+    """(patch grids [N, h, w, D], label masks [N, S, S]) of one split: a grid tensor and its masks, or Features (the
+    patch token it holds: ``patch_blocks``, ``patch_rasa`` or ``patch``, in that order, and its targets unless
+    ``masks`` are given)."""
+    grids: Tensor | None = features if isinstance(features, Tensor) else None
+    if isinstance(features, Features):
+        candidates = (features.patch_blocks, features.patch_rasa, features.patch)
+        grids = next((grid for grid in candidates if grid is not None), None)
+        masks = features.targets if masks is None else masks
+    if grids is None:
+        raise ConfigError(f"the {split} features hold no patch tokens; extract them with tokens=['patch']")
+    if masks is None:
+        raise ConfigError(f"the {split} label masks are missing: pass them along with feature tensors")
+    if grids.ndim != 4 or masks.ndim != 3 or grids.shape[0] != masks.shape[0]:
+        raise DataError(
+            f"the {split} patch grids {tuple(grids.shape)} do not match their masks {tuple(masks.shape)}; "
+            "give one [h, w, D] grid per [S, S] mask"
+        )
+    return grids, masks
+
+
+def segmentation_classes(
+    val_dataset: object, train_dataset: object = None, num_classes: int | None = None
+) -> tuple[int, tuple[str, ...]]:
+    """(number of classes, their names) of a dense protocol's data: ``num_classes`` or the largest ``num_classes``
+    of the data sets; the val set's ``class_names`` when they fit, else ``class_0``, ``class_1``, ...
+    ConfigError when the number is unknown."""
+    if num_classes is None:
+        datasets = [dataset for dataset in (train_dataset, val_dataset) if dataset is not None]
+        num_classes = max(int(getattr(dataset, "num_classes", 0)) for dataset in datasets)
+    if num_classes < 1:
+        raise ConfigError("the number of classes is unknown; pass num_classes")
+    names = tuple(getattr(val_dataset, "class_names", ()))
+    if len(names) != num_classes:
+        names = tuple(f"class_{index}" for index in range(num_classes))
+    return int(num_classes), names

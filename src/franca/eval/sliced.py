@@ -11,11 +11,17 @@ protocol of :mod:`franca.eval.knn` on
 
 The PCA baseline tells whether a backbone's first dims are special (Matryoshka) or merely as good as any m-dim
 projection. :func:`plot_sliced` draws top-1 against m (log-2 axis) for one or several models.
+
+:class:`SlicedSettings` holds the settings, :func:`score_sliced` scores features (tensors with labels, or
+:class:`~franca.features.Features`, whose CLS token it uses) into a :class:`SlicedResult`, :func:`evaluate_sliced_knn`
+extracts the CLS features of two data sets with :mod:`franca.features` and scores them, and :func:`sliced_knn` is the
+scoring as a plain dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,18 @@ from torch import Tensor
 
 from franca.core.errors import ConfigError
 from franca.eval import defaults
-from franca.eval.knn import DEFAULT_TEMPERATURE, knn_classify
+from franca.eval.common import (
+    Provenance,
+    count_classes,
+    dataset_classes,
+    feature_rows,
+    model_device,
+    provenance_dict,
+    split_features,
+)
+from franca.eval.knn import DEFAULT_TEMPERATURE, KnnResult, KnnSettings, score_knn
+from franca.eval.metrics import pca_fit, pca_project
+from franca.features import Features
 
 DEFAULT_SLICED_KS: tuple[int, ...] = defaults.SLICED_KS
 DEFAULT_FRACTIONS: tuple[int, ...] = defaults.SLICED_FRACTIONS
@@ -43,41 +60,116 @@ def check_dims(dims: Sequence[int], feature_dim: int) -> list[int]:
     return sorted({int(m) for m in dims})
 
 
-def pca_fit(train_feats: Tensor, chunk_size: int = 65536) -> tuple[Tensor, Tensor, Tensor]:
-    """PCA of ``train_feats`` [n, d]: (mean [d], components [d, d] one direction per row, explained variance [d]).
+@dataclass(frozen=True)
+class SlicedSettings:
+    """Settings of the sliced k-NN.
 
-    The covariance is accumulated in float64 over row chunks (exact, memory O(d^2) whatever n) and diagonalised with
-    ``torch.linalg.eigh``; components are sorted by decreasing variance and each one's sign is fixed so that its
-    largest-magnitude coordinate is positive (deterministic output).
+    ``dims``: the feature widths m (default d/16, d/8, d/4, d/2, d; see :func:`default_dims`); ``pca``: also score
+    the top-m PCA projections; ``ks``, ``temperature``, ``use_faiss``, ``chunk_size``: those of the k-NN run at each
+    width (see :class:`~franca.eval.knn.KnnSettings`, checked here).
     """
-    if train_feats.ndim != 2 or train_feats.shape[0] < 2:
-        raise ConfigError(
-            f"PCA needs at least 2 train samples of 2-D features, got {tuple(train_feats.shape)}"
+
+    dims: Sequence[int] | None = None
+    ks: Sequence[int] = DEFAULT_SLICED_KS
+    temperature: float = DEFAULT_TEMPERATURE
+    pca: bool = True
+    use_faiss: bool | str = "auto"
+    chunk_size: int = defaults.KNN_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        KnnSettings(tuple(self.ks), self.temperature)  # checks ks and temperature now, not after a PCA fit
+
+    @property
+    def knn(self) -> KnnSettings:
+        """The k-NN settings used at every width."""
+        return KnnSettings(
+            tuple(self.ks), self.temperature, use_faiss=self.use_faiss, chunk_size=self.chunk_size
         )
-    n, d = train_feats.shape
-    mean = torch.zeros(d, dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        mean += train_feats[start : start + chunk_size].double().sum(dim=0)
-    mean /= n
-    cov = torch.zeros(d, d, dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        centred = train_feats[start : start + chunk_size].double() - mean
-        cov += centred.T @ centred
-    cov /= n - 1
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    order = torch.argsort(eigenvalues, descending=True)
-    variance = eigenvalues[order].clamp_min(0)
-    components = eigenvectors[:, order].T.contiguous()
-    pivots = components.abs().argmax(dim=1)
-    signs = torch.sign(components.gather(1, pivots.view(-1, 1))).squeeze(1)
-    signs[signs == 0] = 1
-    components = components * signs.view(-1, 1)
-    return mean.float(), components.float(), variance.float()
 
 
-def pca_project(feats: Tensor, mean: Tensor, components: Tensor, dims: int) -> Tensor:
-    """``(feats - mean) @ components[:dims].T``: [n, d] -> [n, dims] coordinates on the top principal directions."""
-    return (feats.float() - mean) @ components[:dims].T
+@dataclass(frozen=True)
+class SlicedResult:
+    """What :func:`score_sliced` measured: the widths, the full width ``feature_dim``, the k-NN results per width on
+    the leading dims (``sliced``) and, when asked for, on the PCA projections (``pca``) with the fraction of the
+    train variance each width keeps; the :class:`Provenance` (skipped images) when Features were scored."""
+
+    dims: list[int]
+    feature_dim: int
+    ks: list[int]
+    sliced: dict[int, KnnResult]
+    pca: dict[int, KnnResult] | None = None
+    pca_explained_variance: dict[int, float] | None = None
+    provenance: Provenance | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"dims", "feature_dim", "ks", "sliced": {"<m>": knn dict}}``, then ``"pca": {"<m>": knn dict}`` and
+        ``"pca_explained_variance": {"<m>": fraction}`` when PCA was scored, then ``"skipped_train",
+        "skipped_val"`` when Features were scored."""
+        result: dict[str, Any] = {
+            "dims": list(self.dims),
+            "feature_dim": self.feature_dim,
+            "ks": list(self.ks),
+            "sliced": {str(m): knn.to_dict() for m, knn in self.sliced.items()},
+        }
+        if self.pca is not None:
+            result["pca"] = {str(m): knn.to_dict() for m, knn in self.pca.items()}
+            result["pca_explained_variance"] = {
+                str(m): fraction for m, fraction in (self.pca_explained_variance or {}).items()
+            }
+        return {**result, **provenance_dict(self.provenance)}
+
+
+def _pca_curve(
+    train_feats: Tensor,
+    test_feats: Tensor,
+    dims: Sequence[int],
+    knn: Callable[[Tensor, Tensor], KnnResult],
+) -> tuple[dict[int, KnnResult], dict[int, float]]:
+    """``knn`` (train [n, m], test [n', m]) -> KnnResult on the top-m PCA projections fitted on the train features,
+    for each m, and the fraction of the train variance each m keeps."""
+    mean, components, variance = pca_fit(train_feats)
+    total = float(variance.sum()) or 1.0
+    scores, explained = {}, {}
+    for m in dims:
+        train_projected = pca_project(train_feats, mean, components, m)
+        scores[m] = knn(train_projected, pca_project(test_feats, mean, components, m))
+        explained[m] = float(variance[:m].sum()) / total
+    return scores, explained
+
+
+def score_sliced(
+    train: Tensor | Features,
+    train_labels: Tensor | None,
+    test: Tensor | Features,
+    test_labels: Tensor | None,
+    settings: SlicedSettings | None = None,
+    *,
+    num_classes: int | None = None,
+    device: torch.device | str | None = None,
+) -> SlicedResult:
+    """k-NN on the first m dims and on the top-m PCA directions, for each m of ``settings.dims`` (default d/16 ... d).
+
+    ``train`` [n_train, d] and ``test`` [n_test, d] are raw (un-normalised) features with their labels, or Features
+    (their CLS token and, unless labels are given, their targets; the result then records the skipped images).
+    """
+    settings = settings if settings is not None else SlicedSettings()
+    train_feats, train_labels = feature_rows(train, train_labels, "cls", "train")
+    test_feats, test_labels = feature_rows(test, test_labels, "cls", "test")
+    feature_dim = int(train_feats.shape[1])
+    dims = check_dims(settings.dims, feature_dim) if settings.dims else default_dims(feature_dim)
+    if num_classes is None:
+        num_classes = count_classes(train_labels, test_labels)
+    knn_settings = settings.knn
+
+    def knn(train_m: Tensor, test_m: Tensor) -> KnnResult:
+        return score_knn(
+            train_m, train_labels, test_m, test_labels, knn_settings, num_classes=num_classes, device=device
+        )
+
+    sliced = {m: knn(train_feats[:, :m], test_feats[:, :m]) for m in dims}
+    pca, explained = _pca_curve(train_feats, test_feats, dims, knn) if settings.pca else (None, None)
+    ks = [int(k) for k in settings.ks]
+    return SlicedResult(dims, feature_dim, ks, sliced, pca, explained, Provenance.of(None, train, test))
 
 
 def sliced_knn(
@@ -92,45 +184,23 @@ def sliced_knn(
     num_classes: int | None = None,
     use_faiss: bool | str = "auto",
     device: torch.device | str | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = defaults.KNN_CHUNK_SIZE,
 ) -> dict[str, Any]:
     """k-NN on the first m dims and on the top-m PCA directions, for each m in ``dims`` (default d/16 ... d).
 
     ``train_feats`` [n_train, d] and ``test_feats`` [n_test, d] are raw (un-normalised) features. Returns
     ``{"dims": [...], "feature_dim": d, "ks": [...], "sliced": {"<m>": knn result}, "pca": {"<m>": knn result}}``
     where each knn result is :func:`franca.eval.knn.knn_classify`'s dict (keys ``"k20"`` ... with top1/top5), and
-    ``"pca_explained_variance"`` (fraction of the variance kept at each m) when ``pca``.
+    ``"pca_explained_variance"`` (fraction of the variance kept at each m) when ``pca``. :func:`score_sliced` as a
+    dict.
     """
-    feature_dim = int(train_feats.shape[1])
-    dims = check_dims(dims, feature_dim) if dims else default_dims(feature_dim)
-    if num_classes is None:
-        num_classes = int(max(int(train_labels.max()), int(test_labels.max())) + 1)
-    common = dict(
-        ks=ks,
-        temperature=temperature,
-        num_classes=num_classes,
-        use_faiss=use_faiss,
-        device=device,
-        chunk_size=chunk_size,
+    settings = SlicedSettings(
+        tuple(dims) if dims else None, tuple(ks), temperature, pca, use_faiss, chunk_size
     )
-    results: dict[str, Any] = {"dims": dims, "feature_dim": feature_dim, "ks": [int(k) for k in ks]}
-    results["sliced"] = {
-        str(m): knn_classify(train_feats[:, :m], train_labels, test_feats[:, :m], test_labels, **common)
-        for m in dims
-    }
-    if pca:
-        mean, components, variance = pca_fit(train_feats)
-        total = float(variance.sum()) or 1.0
-        results["pca"] = {}
-        results["pca_explained_variance"] = {}
-        for m in dims:
-            train_projected = pca_project(train_feats, mean, components, m)
-            test_projected = pca_project(test_feats, mean, components, m)
-            results["pca"][str(m)] = knn_classify(
-                train_projected, train_labels, test_projected, test_labels, **common
-            )
-            results["pca_explained_variance"][str(m)] = float(variance[:m].sum()) / total
-    return results
+    result = score_sliced(
+        train_feats, train_labels, test_feats, test_labels, settings, num_classes=num_classes, device=device
+    )
+    return result.to_dict()
 
 
 def sliced_table_rows(results: dict[str, Any], k: int | None = None) -> list[dict[str, Any]]:
@@ -200,35 +270,22 @@ def evaluate_sliced_knn(
     model: torch.nn.Module,
     train_dataset: Any,
     val_dataset: Any,
-    dims: Sequence[int] | None = None,
-    ks: Sequence[int] = DEFAULT_SLICED_KS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    pca: bool = True,
-    batch_size: int = 64,
+    settings: SlicedSettings | None = None,
+    *,
+    batch_size: int = defaults.EXTRACT_BATCH_SIZE,
     num_workers: int = 0,
     device: torch.device | str | None = None,
-    use_faiss: bool | str = "auto",
     progress: bool = True,
-) -> dict[str, Any]:
-    """Extract CLS features for both data sets and run :func:`sliced_knn`."""
-    from franca.eval.features import extract_train_val_features
+) -> SlicedResult:
+    """Extract the CLS features of both data sets (items ``(image tensor, label)``) and :func:`score_sliced` them.
 
-    train, val, device = extract_train_val_features(
-        model, train_dataset, val_dataset, ("cls",), batch_size, num_workers, device, progress
+    Features are extracted and searched on ``device`` (default the model's); the result records the skipped images.
+    """
+    settings = settings if settings is not None else SlicedSettings()
+    device = model_device(model, device)
+    train, val = split_features(
+        model, train_dataset, val_dataset, ("cls",), batch_size, num_workers, device, progress=progress
     )
-    num_classes = len(getattr(train_dataset, "classes", [])) or None
-    results = sliced_knn(
-        train.features["cls"],
-        train.labels,
-        val.features["cls"],
-        val.labels,
-        dims=dims,
-        ks=ks,
-        temperature=temperature,
-        pca=pca,
-        num_classes=num_classes,
-        use_faiss=use_faiss,
-        device=device,
+    return score_sliced(
+        train, None, val, None, settings, num_classes=dataset_classes(train_dataset), device=device
     )
-    results.update(skipped_train=train.num_skipped, skipped_val=val.num_skipped)
-    return results

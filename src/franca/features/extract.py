@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +152,8 @@ def forward_tokens(
 
 
 def _unpack(batch: object) -> tuple[Tensor | None, Tensor | None, int]:
-    """(images, targets, num_skipped) of a loader batch: a franca ``Batch``, an (images, targets) pair or images."""
+    """(images, targets, num_skipped) of a loader batch: a franca ``Batch``, an (images, targets) pair, images, or a
+    dict with an ``image``/``images`` entry and optionally a ``label``/``labels``/``target``/``targets`` one."""
     if batch is None:
         return None, None, 0
     if hasattr(batch, "inputs") and hasattr(batch, "num_skipped"):
@@ -162,6 +163,10 @@ def _unpack(batch: object) -> tuple[Tensor | None, Tensor | None, int]:
         return batch[0], (torch.as_tensor(targets) if targets is not None else None), 0
     if isinstance(batch, Tensor):
         return batch, None, 0
+    if isinstance(batch, Mapping) and ("image" in batch or "images" in batch):  # {"image": ..., "label": ...}
+        images = batch["image"] if "image" in batch else batch["images"]
+        targets = next((batch[key] for key in ("label", "labels", "target", "targets") if key in batch), None)
+        return images, (torch.as_tensor(targets) if targets is not None else None), 0
     raise DataError(
         f"feature extraction got a batch of type {type(batch).__name__}; expected (images, targets)"
     )
@@ -232,6 +237,17 @@ def _compact(targets: Tensor) -> Tensor:
     return targets.to(torch.uint8 if fits else torch.int32)
 
 
+def _concatenate(token: str, batches: list[Tensor], desc: str) -> Tensor:
+    """The batches of one token as one tensor; DataError when their per-image shapes differ (several image sizes)."""
+    shapes = sorted({tuple(batch.shape[1:]) for batch in batches})
+    if len(shapes) > 1:
+        raise DataError(
+            f"{desc}: batches have {token} tokens of different shapes {shapes[0]} and {shapes[1]} (images of "
+            "several sizes); use one image size"
+        )
+    return torch.cat(batches)
+
+
 def extract_features(
     model: nn.Module,
     loader: Iterable,
@@ -264,7 +280,7 @@ def extract_features(
         logger.info(
             "%s: skipped %d unreadable image(s), used %d", desc, counter.num_skipped, counter.num_loaded
         )
-    tensors = {name: torch.cat(values) for name, values in chunks.items()}
+    tensors = {name: _concatenate(name, values, desc) for name, values in chunks.items()}
     return Features(targets=torch.cat(targets), num_skipped=counter.num_skipped, **tensors)
 
 

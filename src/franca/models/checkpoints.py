@@ -8,7 +8,14 @@
 3. official DINOv2 files (flat keys, ``mlp`` or ``swiglu`` FFN, with or without registers);
 4. this project's exports (safetensors with the architecture in the metadata, see :func:`save_backbone`) and its
    training checkpoints (whose ``teacher`` entry has the official layout): single files, and the sharded
-   ``torch.distributed.checkpoint`` folders of FSDP runs (only the teacher's tensors are read from those).
+   ``torch.distributed.checkpoint`` folders of FSDP runs (only the teacher's tensors are read from those);
+5. timm DINOv2 state dicts (``vit_*_patch14[_reg4]_dinov2``: packed SwiGLU, ``reg_token``, no CLS position);
+6. Hugging Face transformers ``Dinov2Model``/``Dinov2WithRegistersModel`` folders (``config.json`` + weights) and
+   state dicts, under the Hub's or transformers 5's names.
+
+Layouts 5 and 6 are turned into the official one by :func:`franca.models.formats.to_official_layout`, which also
+sets the source's own position resize (and, from a ``config.json``, its head count) unless the file carries franca's
+config; franca then gives the library's features at every input size.
 
 Nothing in a file is ever unpickled beyond tensors and plain containers (``weights_only=True``), and torch's advice to
 load with ``weights_only=False`` is never passed on. Sharded folders are the exception: torch.distributed.checkpoint
@@ -29,7 +36,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +46,17 @@ from torch import Tensor
 
 from franca.core.errors import CheckpointError
 from franca.core.io import atomic_target
+from franca.models.formats import FORMAT_KEY, to_official_layout
+from franca.models.formats.transformers_dinov2 import (
+    CONFIG_FILE,
+    CONFIG_METADATA,
+    is_transformers_folder,
+    weights_file,
+)
 from franca.models.layers import FFN_LAYERS
 from franca.models.state import check_tensors
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 
-FORMAT_KEY = "franca_format"
 BACKBONE_FORMAT = "backbone"
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "rasa_head.")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "backbone.")
@@ -81,7 +94,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     if path.is_dir():
         if is_sharded_checkpoint(path):
             return _unwrap(read_sharded_checkpoint(path, keys=("teacher",)), path), {}
-        raise CheckpointError(f"{path}: is a directory; give the checkpoint file inside it")
+        if is_transformers_folder(path):  # its weights, and its config.json as metadata
+            state, metadata = read_checkpoint(weights_file(path))
+            return state, {**metadata, CONFIG_METADATA: (path / CONFIG_FILE).read_text(encoding="utf-8")}
+        raise CheckpointError(
+            f"{path}: is a directory; give the checkpoint file inside it (or a transformers model folder with "
+            "config.json and model.safetensors)"
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; download or export it again")
     metadata: dict[str, str] = {}
@@ -391,7 +410,7 @@ def infer_config(
         sample = ", ".join(sorted(backbone)[:5]) or "none"
         raise CheckpointError(
             f"{where}: unknown layout, no backbone tensor {missing[0]!r} (first keys: {sample}); "
-            "expected an official Franca/DINOv2 checkpoint or a franca export"
+            "expected an official Franca/DINOv2 checkpoint, a franca export, or a timm or transformers DINOv2 model"
         )
     _require_ranks(backbone, where)
     patch_weight = backbone["patch_embed.proj.weight"]
@@ -529,7 +548,8 @@ def load_backbone(
 ) -> DinoVisionTransformer:
     """Build a backbone from a checkpoint and load its weights exactly; returns the model in eval mode.
 
-    ``source`` is a ``.pth``/``.pt``/``.safetensors`` path or a state dict in any of the layouts of the module doc.
+    ``source`` is a ``.pth``/``.pt``/``.safetensors`` path, a transformers model folder or a state dict in any of the
+    layouts of the module doc.
     The architecture is inferred from the tensors; ``overrides`` may set what tensors cannot tell (``num_heads``,
     ``drop_path_rate``, ``interpolate_offset``...) and ``img_size``, which resamples the position embedding to the new
     grid. ``rasa`` attaches a RASA head: a head file or state dict (``pre_pos_layers.*``/``pos_pred.weight``), a
@@ -544,7 +564,10 @@ def load_backbone(
     else:
         state, metadata = read_checkpoint(source)
     backbone, heads = split_backbone_state(state)
+    backbone, implied = to_official_layout(backbone, metadata, where)  # timm and transformers layouts
     stored = infer_config(backbone, metadata, source)
+    if implied and not metadata.get("config"):
+        stored = replace(stored, **implied)
     config = _apply_overrides(stored, overrides, where)
     if config.img_size != stored.img_size and config.img_size % config.patch_size:
         raise CheckpointError(

@@ -59,6 +59,17 @@ def removal_basis(weight: Tensor) -> Tensor:
     return torch.stack([u_row, col_orth / orth_norm])
 
 
+def remove_directions(z: Tensor, basis: Tensor) -> Tensor:
+    """``z`` [..., D] without its components along the orthonormal rows of ``basis`` [k, D]: z - (z B^T) B."""
+    return z - (z @ basis.T) @ basis
+
+
+def complement_projector(basis: Tensor) -> Tensor:
+    """I - B^T B [D, D]: the orthogonal projector that removes the orthonormal rows of ``basis`` [k, D] (column
+    vectors: ``P @ z``; for row vectors it is symmetric, so ``z @ P`` too), in ``basis``'s dtype and device."""
+    return torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device) - basis.T @ basis
+
+
 def removal_projector(w: Tensor) -> Tensor:
     """The removal map L_t = I - u_r u_r^T - u_c u_c^T [D, D] of one step with weight ``w`` [2, D] (rows r, c).
 
@@ -66,8 +77,7 @@ def removal_projector(w: Tensor) -> Tensor:
     projector onto the complement of span(r, c): symmetric, idempotent, annihilates r and c. Note the minus sign on
     u_c u_c^T (the paper's Eq. 3 prints a plus). Computed in float64, returned in ``w``'s floating dtype.
     """
-    basis = removal_basis(w)
-    projector = torch.eye(basis.shape[1], dtype=torch.float64, device=basis.device) - basis.T @ basis
+    projector = complement_projector(removal_basis(w))
     return projector.to(w.dtype if w.is_floating_point() else torch.float32)
 
 
@@ -96,8 +106,7 @@ def apply_rasa_iterative(z: Tensor, weights: Sequence[Tensor]) -> Tensor:
     dtype; equals ``z @ fold_rasa(weights).T`` up to rounding.
     """
     for weight in weights:
-        basis = removal_basis(weight).to(device=z.device, dtype=z.dtype)
-        z = z - (z @ basis.T) @ basis
+        z = remove_directions(z, removal_basis(weight).to(device=z.device, dtype=z.dtype))
     return z
 
 

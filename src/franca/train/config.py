@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import typing
@@ -31,6 +32,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from franca.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 PRESET_PACKAGE = "franca"
 PRESET_FOLDER = "configs"
@@ -279,13 +282,24 @@ class DistributedConfig:
 
 @dataclass
 class EvalConfig:
-    """Optional k-NN monitoring during training; ``every`` = 0 disables it."""
+    """k-NN monitoring during training (``franca train``; :mod:`franca.apps.monitor`); ``every`` = 0 disables it.
+
+    Every ``every`` iterations and at the end of a fit, the teacher backbone's CLS features of two ImageFolder trees
+    (``train_path``, ``val_path``: ``ROOT/<class>/<image>``, the same class folders) are extracted at ``image_size``
+    (center crop; null: ``crops.global_size``) and the weighted k-NN top-1 / top-5 (percent) of the val images is
+    logged: a ``metrics.jsonl`` record ``{"iteration", "knn_top1", "knn_top5", "knn_time_s"}`` and a log line.
+    ``max_images_per_split`` (null: all) keeps an evenly spaced subset of each split, to bound the time of a pass.
+    """
 
     every: int = setting(0, ge=0)
     train_path: str | None = None
     val_path: str | None = None
     knn_k: int = setting(20, gt=0)
     knn_temperature: float = setting(0.07, gt=0.0)
+    image_size: int | None = setting(None, gt=0)
+    max_images_per_split: int | None = setting(None, gt=0)
+    batch_size: int = setting(64, gt=0)
+    num_workers: int = setting(4, ge=0)
 
 
 @dataclass
@@ -506,11 +520,54 @@ def config_from_dict(values: Mapping[str, Any], overrides: Sequence[str] = ()) -
     return _finalise(config, overrides)
 
 
+#: Schedule lengths that follow ``train.iterations`` when an override changes it and leaves them alone:
+#: (key, smallest scaled value unless the value was 0, capped at train.iterations).
+SCHEDULE_LENGTHS: tuple[tuple[str, int, bool], ...] = (
+    ("optim.warmup_iterations", 1, True),
+    ("optim.freeze_last_layer_iterations", 0, True),
+    ("loss.teacher_temp_warmup_iterations", 1, False),
+)
+
+
+def _scale_schedules(config: DictConfig, before: Any, overridden: set[str]) -> DictConfig:
+    """Scale the schedule lengths by the new/old ``train.iterations`` ratio, keeping the preset's proportions.
+
+    Only when an override changed ``train.iterations`` and did not set the length itself; logs one line naming
+    every length it changed. A length set explicitly is left as given (and validated against the iterations).
+    """
+    after = OmegaConf.select(config, "train.iterations", throw_on_missing=False)
+    if "train.iterations" not in overridden or not isinstance(before, int) or not isinstance(after, int):
+        return config
+    if after == before or before < 1 or after < 1:
+        return config
+    changed = []
+    for key, floor, capped in SCHEDULE_LENGTHS:
+        value = OmegaConf.select(config, key, throw_on_missing=False)
+        if key in overridden or not isinstance(value, int) or value == 0:
+            continue
+        scaled = max(floor, round(value * after / before))
+        scaled = min(after, scaled) if capped else scaled
+        if scaled != value:
+            OmegaConf.update(config, key, scaled)
+            changed.append(f"{key} {value} -> {scaled}")
+    if changed:
+        logger.info(
+            "train.iterations %d -> %d: schedule lengths scaled to keep their proportions (%s); set one "
+            "explicitly to override",
+            before,
+            after,
+            ", ".join(changed),
+        )
+    return config
+
+
 def _finalise(config: DictConfig, overrides: Sequence[str]) -> TrainConfig:
     if isinstance(overrides, str):
         overrides = [overrides]
+    iterations = OmegaConf.select(config, "train.iterations", throw_on_missing=False)
     for item in overrides:
         config = _merge(config, _parse_override(item), f"override '{item}'")
+    config = _scale_schedules(config, iterations, {item.partition("=")[0].strip() for item in overrides})
     missing = sorted(_missing_keys(config))
     if missing:
         raise ConfigError(
@@ -659,6 +716,7 @@ def validate_config(config: TrainConfig) -> None:
             "use cpu or auto",
         )
     _validate_heads(config)
+    _validate_eval(config)
 
 
 def _validate_heads(config: TrainConfig) -> None:
@@ -692,3 +750,22 @@ def _validate_heads(config: TrainConfig) -> None:
             _fail(
                 "heads.n_prototypes", f"({config.heads.n_prototypes}) leaves level {level} with no prototype"
             )
+
+
+def _validate_eval(config: TrainConfig) -> None:
+    """With monitoring on (``eval.every`` > 0), both folders are required and the image size must suit the patch."""
+    monitor = config.eval
+    if monitor.every == 0:
+        return
+    for key in ("train_path", "val_path"):
+        if not getattr(monitor, key):
+            _fail(
+                f"eval.{key}",
+                f"is required when eval.every > 0 ({monitor.every}): give an ImageFolder tree ROOT/<class>/<image> "
+                f"(the override 'eval.{key}=PATH'), or set eval.every=0",
+            )
+    size = monitor.image_size
+    if size is not None and size % config.model.patch_size:
+        _fail(
+            "eval.image_size", f"({size}) must be a multiple of model.patch_size ({config.model.patch_size})"
+        )

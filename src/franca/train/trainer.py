@@ -9,7 +9,6 @@ bf16 autocast by default.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,8 +22,8 @@ from typing import Any
 import torch
 
 from franca.core import distributed as dist_utils
+from franca.core import metrics_log
 from franca.core.errors import CheckpointError, ConfigError, FrancaError
-from franca.core.io import atomic_write_text
 from franca.core.progress import ProgressBar
 from franca.data.batch import TrainBatch
 from franca.models.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
@@ -479,28 +478,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one record to the run's ``metrics.jsonl`` (format: :mod:`franca.core.metrics_log`)."""
+        metrics_log.append_record(self.output_dir / "metrics.jsonl", record)
 
     def _truncate_metrics(self, start_iteration: int) -> None:
         """Drop the lines a killed run logged after its last checkpoint, so the curve has no duplicates, and the
         torn lines (a full disk or power loss cut a write short), so that every later run can read the file."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept, torn = [], 0
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-                torn += bool(line.strip())
-            elif record["iteration"] <= start_iteration:
-                kept.append(line)
-        if torn:
-            logger.warning("%s: dropped %d torn or unreadable line(s)", path, torn)
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        metrics_log.truncate_records(self.output_dir / "metrics.jsonl", start_iteration)
 
     def _save(self) -> Path | None:
         """Write the checkpoint of this iteration and the teacher exports (every rank takes part; a failure on any
@@ -649,6 +633,12 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         """End the current fit after this step, with a checkpoint of it (for callbacks such as a time budget)."""
         self._stop_reason = self._stop_reason or reason
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with an int ``iteration``) to ``metrics.jsonl`` on rank 0, beside the step records: for
+        callbacks that measure something of their own (:class:`franca.train.callbacks.PeriodicEvaluation`)."""
+        if self.is_main:
+            self._write_metrics(record)
 
     def _stop_agreed(self) -> bool:
         """Whether any rank's callbacks asked to stop (the ranks must stop at the same step)."""

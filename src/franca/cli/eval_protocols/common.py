@@ -46,7 +46,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None =
     group.add_argument(
         "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
     )
-    group.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=defaults.EXTRACT_BATCH_SIZE, help="images per forward pass"
+    )
     group.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice of the protocol")
@@ -128,10 +130,16 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def classification_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The --train and --val ImageFolder data sets at --size (:func:`franca.eval.knn.classification_datasets`)."""
-    from franca.eval.knn import classification_datasets
+    """The --train and --val ImageFolder data sets at --size (:func:`franca.eval.common.classification_datasets`)."""
+    from franca.eval.common import classification_datasets
 
     return classification_datasets(args.train, args.val, args.size)
+
+
+def extraction_options(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """The feature-extraction keywords of an image-level ``evaluate_<protocol>``: --batch-size, --num-workers and
+    the model's ``device``."""
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": device}
 
 
 def segmentation_data(args: argparse.Namespace, train: bool = True) -> tuple[Any, Any]:

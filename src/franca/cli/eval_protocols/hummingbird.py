@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from franca.cli.eval_protocols import common
+from franca.cli.options import seed_list
 from franca.eval import defaults
 
 
@@ -39,27 +40,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model and data, run :func:`franca.eval.hummingbird.evaluate_hummingbird`, write and print."""
-    from franca.eval.dense_features import seed_list
-    from franca.eval.hummingbird import evaluate_hummingbird
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.hummingbird.HummingbirdSettings` of the options (checked when built, before the model
+    is read)."""
+    from franca.eval.hummingbird import HummingbirdSettings
 
-    model, device = common.load_model(args)
-    train_dataset, val_dataset = common.segmentation_data(args, train=True)
-    results = evaluate_hummingbird(
-        model,
-        train_dataset,
-        val_dataset,
+    return HummingbirdSettings(
         k=args.k,
         temperature=args.temperature,
         memory_size=args.memory_size,
-        seeds=seed_list(args.seed, args.seeds),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
+        seeds=tuple(seed_list(args.seed, args.seeds)),
         tokens=args.tokens,
         search=args.search,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model and data, run :func:`franca.eval.hummingbird.evaluate_hummingbird`, write and print."""
+    from franca.eval.hummingbird import evaluate_hummingbird
+
+    settings = settings_of(args)
+    model, device = common.load_model(args)
+    train_dataset, val_dataset = common.segmentation_data(args, train=True)
+    result = evaluate_hummingbird(
+        model, train_dataset, val_dataset, settings, **common.extraction_options(args, device)
+    )
+    results = result.to_dict()
     common.add_data_facts(results, args, val_dataset, train_dataset)
     common.finish(results, args, "hummingbird")
     return results

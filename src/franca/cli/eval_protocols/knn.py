@@ -24,23 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_faiss_argument(group)
 
 
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.knn.KnnSettings` of the options (checked when built, before the model is read)."""
+    from franca.eval.knn import KnnSettings
+
+    return KnnSettings(
+        ks=tuple(args.ks), temperature=args.temperature, use_faiss=common.faiss_option(args.faiss)
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and the data, run :func:`franca.eval.knn.evaluate_knn`, print the table, write ``knn.json``."""
     from franca.eval.knn import evaluate_knn, knn_table_rows
 
+    settings = settings_of(args)
     model, device = common.load_model(args)
     train, val = common.classification_data(args)
-    results = evaluate_knn(
-        model,
-        train,
-        val,
-        ks=args.ks,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        use_faiss=common.faiss_option(args.faiss),
-    )
+    results = evaluate_knn(model, train, val, settings, **common.extraction_options(args, device)).to_dict()
     print(format_table(knn_table_rows(results), ["k", "top1", "top5"]))
     common.finish(results, args, "knn", table=False)
     return results

@@ -31,14 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(defaults.DINOV2_LRS),
         help="base learning rates (x batch/256)",
     )
-    group.add_argument("--epochs", type=int, default=10, help="passes over the training part")
     group.add_argument(
-        "--probe-batch-size", type=positive_int, default=256, help="batch size of the linear heads"
+        "--epochs", type=int, default=defaults.LINEAR_EPOCHS, help="passes over the training part"
+    )
+    group.add_argument(
+        "--probe-batch-size",
+        type=positive_int,
+        default=defaults.LINEAR_BATCH_SIZE,
+        help="batch size of the linear heads",
     )
     group.add_argument(
         "--holdout",
         type=float,
-        default=0.1,
+        default=defaults.HOLDOUT_FRACTION,
         help="fraction of train held out to choose the head (0: choose on val)",
     )
     group.add_argument(
@@ -48,36 +53,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the heads, choose one on the held-out split, report val (:func:`franca.eval.linear.evaluate_linear`)."""
-    from franca.core.runtime import seed_everything
-    from franca.eval.linear import (
-        augmented_train_dataset,
-        evaluate_linear,
-        linear_table_rows,
-        parse_feature_set,
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.linear.LinearSettings` of the options (checked when built: a bad feature set stops
+    before the model is read)."""
+    from franca.eval.linear import LinearSettings
+
+    return LinearSettings(
+        feature_sets=tuple(args.features),
+        learning_rates=tuple(args.lrs),
+        epochs=args.epochs,
+        batch_size=args.probe_batch_size,
+        holdout_fraction=args.holdout,
+        seed=args.seed,
     )
 
-    seed_everything(args.seed)
-    for name in args.features:  # a bad feature set stops before the model is read
-        parse_feature_set(name)
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the heads, choose one on the held-out split, report val (:func:`franca.eval.linear.evaluate_linear`)."""
+    from franca.eval.linear import augmented_train_dataset, evaluate_linear, linear_table_rows
+
+    settings = settings_of(args)
     model, device = common.load_model(args)
     train, val = common.classification_data(args)
-    results = evaluate_linear(
+    augment_dataset = augmented_train_dataset(args.train, args.size) if args.augment else None
+    result = evaluate_linear(
         model,
         train,
         val,
-        feature_sets=args.features,
-        learning_rates=args.lrs,
-        epochs=args.epochs,
-        probe_batch_size=args.probe_batch_size,
-        holdout_fraction=args.holdout,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        seed=args.seed,
-        augment_dataset=augmented_train_dataset(args.train, args.size) if args.augment else None,
+        settings,
+        augment_dataset=augment_dataset,
+        **common.extraction_options(args, device),
     )
+    results = result.to_dict()
     print(format_table(linear_table_rows(results)))
     best = results["best"]
     print(

@@ -38,36 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.linear_seg.LinearSegSettings` of the options (checked when built, before the model is
+    read)."""
+    from franca.eval.linear_seg import LinearSegSettings
+
+    return LinearSegSettings(
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        n_last_blocks=args.n_last_blocks,
+        tokens=args.tokens,
+        seed=args.seed,
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate the head (:func:`franca.eval.linear_seg.evaluate_linear_segmentation`), write and print."""
     import torch
 
     from franca.eval.linear_seg import evaluate_linear_segmentation
 
+    settings = settings_of(args)
     model, device = common.load_model(args)
     train_dataset, val_dataset = common.segmentation_data(args, train=True)
-    results = evaluate_linear_segmentation(
-        model,
-        train_dataset,
-        val_dataset,
-        epochs=args.epochs,
-        train_batch_size=args.train_batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        n_last_blocks=args.n_last_blocks,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        tokens=args.tokens,
-        seed=args.seed,
+    result = evaluate_linear_segmentation(
+        model, train_dataset, val_dataset, settings, **common.extraction_options(args, device)
     )
-    head = results.pop("head")
+    results = result.to_dict()
     common.add_data_facts(results, args, val_dataset, train_dataset)
     path = common.finish(results, args, "linear-seg")
     if args.save_head:
         head_path = Path(path).parent / "linear_seg_head.pt"
-        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, head_path)
+        torch.save({k: v.cpu() for k, v in result.head.state_dict().items()}, head_path)
         results["head_path"] = str(head_path)
     return results

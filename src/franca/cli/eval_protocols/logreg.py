@@ -27,20 +27,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cs", type=float, nargs="+", default=None, help="explicit C values (override --c-values)"
     )
     group.add_argument(
-        "--feature", choices=("cls", "avgpool"), default="cls", help="image feature (official: cls)"
+        "--feature", choices=defaults.LOGREG_FEATURES, default="cls", help="image feature (official: cls)"
     )
     group.add_argument(
         "--normalize", choices=defaults.NORMALIZATIONS, default="none", help="feature normalisation"
     )
     group.add_argument(
-        "--metric", choices=("top1", "mean_per_class"), default="top1", help="metric that chooses C"
+        "--metric", choices=defaults.LOGREG_METRICS, default="top1", help="metric that chooses C"
     )
     group.add_argument(
-        "--holdout", type=float, default=0.1, help="train fraction held out to choose C (0: on val)"
+        "--holdout",
+        type=float,
+        default=defaults.HOLDOUT_FRACTION,
+        help="train fraction held out to choose C (0: on val)",
     )
-    group.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
-    group.add_argument("--tol", type=float, default=1e-12, help="L-BFGS tolerance (official 1e-12)")
+    group.add_argument(
+        "--max-iter", type=int, default=defaults.LOGREG_MAX_ITER, help="L-BFGS iterations per fit"
+    )
+    group.add_argument(
+        "--tol", type=float, default=defaults.LOGREG_TOL, help="L-BFGS tolerance (official 1e-12)"
+    )
     group.add_argument("--jobs", type=int, default=1, help="C values fitted in parallel (joblib)")
+
+
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.logreg.LogregSettings` of the options (checked when built, before the model is
+    read); --cs wins over --c-values."""
+    from franca.eval.logreg import LogregSettings, c_grid
+
+    return LogregSettings(
+        c_values=tuple(args.cs) if args.cs else tuple(c_grid(args.c_values)),
+        feature=args.feature,
+        holdout_fraction=args.holdout,
+        normalize=args.normalize,
+        metric=args.metric,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        seed=args.seed,
+        n_jobs=args.jobs,
+    )
 
 
 def sweep_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,27 +78,14 @@ def sweep_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sweep C, re-fit, report val accuracy (:func:`franca.eval.logreg.evaluate_logreg`); writes ``logreg.json``."""
-    from franca.eval.logreg import c_grid, evaluate_logreg
+    from franca.eval.logreg import evaluate_logreg
 
+    settings = settings_of(args)
     model, device = common.load_model(args)
     train, val = common.classification_data(args)
     results = evaluate_logreg(
-        model,
-        train,
-        val,
-        c_values=args.cs if args.cs else c_grid(args.c_values),
-        feature=args.feature,
-        holdout_fraction=args.holdout,
-        normalize=args.normalize,
-        metric=args.metric,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        seed=args.seed,
-        n_jobs=args.jobs,
-    )
+        model, train, val, settings, **common.extraction_options(args, device)
+    ).to_dict()
     print(format_table(sweep_rows(results)))
     print(
         f"chosen C = {results['best_C']:.4g} (on {results['selected_on']}): val top-1 {results['top1']:.2f}  "

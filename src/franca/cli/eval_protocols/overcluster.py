@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from franca.cli.eval_protocols import common
+from franca.cli.options import seed_list
 from franca.eval import defaults
 
 
@@ -45,29 +46,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model and the val data, cluster (:func:`franca.eval.overclustering.evaluate_overclustering`)."""
-    from franca.eval.dense_features import seed_list
-    from franca.eval.overclustering import evaluate_overclustering
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.overclustering.OverclusteringSettings` of the options (checked when built, before the
+    model is read)."""
+    from franca.eval.overclustering import OverclusteringSettings
 
-    model, device = common.load_model(args)
-    _, val_dataset = common.segmentation_data(args, train=False)
-    results = evaluate_overclustering(
-        model,
-        val_dataset,
-        clusters=args.clusters,
-        seeds=seed_list(args.seed, args.seeds),
+    return OverclusteringSettings(
+        clusters=tuple(args.clusters),
+        seeds=tuple(seed_list(args.seed, args.seeds)),
         pca_dim=args.pca_dim or None,
         mask_size=args.mask_size,
         matching=args.matching,
         niter=args.kmeans_iters,
         nredo=args.kmeans_redo,
         backend=args.kmeans_backend,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
         tokens=args.tokens,
     )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model and the val data, cluster (:func:`franca.eval.overclustering.evaluate_overclustering`)."""
+    from franca.eval.overclustering import evaluate_overclustering
+
+    settings = settings_of(args)
+    model, device = common.load_model(args)
+    _, val_dataset = common.segmentation_data(args, train=False)
+    result = evaluate_overclustering(model, val_dataset, settings, **common.extraction_options(args, device))
+    results = result.to_dict()
     common.add_data_facts(results, args, val_dataset)
     common.finish(results, args, "overcluster")
     return results

@@ -39,28 +39,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--filename", default="pca_maps.png", help="name of the PNG written in --output-dir")
 
 
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.pca_maps.PcaSettings` of the options."""
+    from franca.eval.pca_maps import PcaSettings
+
+    return PcaSettings(
+        size=args.size,
+        foreground_threshold=args.foreground_threshold,
+        invert_foreground=args.invert_foreground,
+        tokens=args.tokens,
+        resize_mode=args.resize_mode,
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Draw the PCA maps of the images (:func:`franca.eval.pca_maps.evaluate_pca`), write the PNG and ``pca.json``."""
     from franca.data.images import list_images
     from franca.eval.pca_maps import evaluate_pca
 
+    settings = settings_of(args)
     model, device = common.load_model(args)
     paths = list_images(args.images)[: max(1, args.max_images)]
     output_dir = (
         Path(args.output_dir) if args.output_dir is not None else defaults.DEFAULT_OUTPUT_ROOT / "pca"
     )
-    results = evaluate_pca(
-        model,
-        paths,
-        output_dir,
-        filename=args.filename,
-        size=args.size,
-        foreground_threshold=args.foreground_threshold,
-        invert_foreground=args.invert_foreground,
-        tokens=args.tokens,
-        device=device,
-        resize_mode=args.resize_mode,
-        batch_size=args.batch_size,
+    result = evaluate_pca(
+        model, paths, output_dir, settings, filename=args.filename, device=device, batch_size=args.batch_size
     )
+    results = result.to_dict()
     common.finish(results, args, "pca", output_dir=output_dir)
     return results

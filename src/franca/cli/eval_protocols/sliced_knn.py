@@ -36,25 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_faiss_argument(group)
 
 
+def settings_of(args: argparse.Namespace) -> Any:
+    """The :class:`franca.eval.sliced.SlicedSettings` of the options (checked when built, before the model is
+    read)."""
+    from franca.eval.sliced import SlicedSettings
+
+    return SlicedSettings(
+        dims=tuple(args.dims) if args.dims else None,
+        ks=tuple(args.ks),
+        temperature=args.temperature,
+        pca=not args.no_pca,
+        use_faiss=common.faiss_option(args.faiss),
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`franca.eval.sliced.evaluate_sliced_knn`, draw the plot, print the table, write the JSON."""
     from franca.eval.sliced import evaluate_sliced_knn, plot_sliced, sliced_table_rows
 
+    settings = settings_of(args)
     model, device = common.load_model(args)
     train, val = common.classification_data(args)
-    results = evaluate_sliced_knn(
-        model,
-        train,
-        val,
-        dims=args.dims,
-        ks=args.ks,
-        temperature=args.temperature,
-        pca=not args.no_pca,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        use_faiss=common.faiss_option(args.faiss),
-    )
+    result = evaluate_sliced_knn(model, train, val, settings, **common.extraction_options(args, device))
+    results = result.to_dict()
     output_dir = Path(args.output_dir) if args.output_dir else defaults.DEFAULT_OUTPUT_ROOT / "sliced-knn"
     plot_path = Path(args.plot) if args.plot else output_dir / "sliced-knn.png"
     name = args.name or Path(args.checkpoint).stem
