@@ -50,6 +50,7 @@ from franca.eval.knn import knn_classify
 from franca.eval.linear import train_linear_probe
 from franca.eval.overclustering import OverclusteringSettings, score_overclustering
 from franca.eval.pca_maps import score_pca
+from franca.eval.segmentation_data import seeded_subset
 from franca.eval.sliced import sliced_knn
 from franca.features import Features, TensorImages, extract_features
 from franca.train.callbacks import Callback, TimeBudget
@@ -345,9 +346,7 @@ def load_split(
     dataset: torch.utils.data.Dataset = _SplitDataset(root, split, size)
     samples = dataset.segmentation.samples
     if max_images is not None and max_images < len(dataset):
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(dataset), generator=generator)[:max_images].sort().values
-        dataset = torch.utils.data.Subset(dataset, chosen.tolist())
+        dataset = torch.utils.data.Subset(dataset, seeded_subset(range(len(dataset)), max_images, seed))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=256, num_workers=workers, collate_fn=_collate_split, shuffle=False
     )

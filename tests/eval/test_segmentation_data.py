@@ -258,3 +258,30 @@ def test_segmentation_classes_take_the_larger_count_and_the_val_names() -> None:
     assert segmentation_classes(Data(2, ("a", "b")), num_classes=2) == (2, ("a", "b"))
     with pytest.raises(ConfigError, match="number of classes is unknown"):
         segmentation_classes(object())
+
+
+def test_max_images_is_a_seeded_uniform_sample_not_the_first_classes(tmp_path: Path) -> None:
+    """A sorted class-foldered listing cut to its first N files holds whole classes; the sample must not."""
+    from franca.eval.segmentation_data import seeded_subset
+
+    listing = [f"class{label}/{index:02d}.png" for label in range(4) for index in range(25)]  # sorted, 4 x 25
+    picked = seeded_subset(listing, 20, seed=0)
+    assert len(picked) == 20 and len(set(picked)) == 20 and set(picked) <= set(listing)
+    assert picked == sorted(picked, key=listing.index)  # listed order kept
+    assert picked != listing[:20]
+    assert len({name.split("/")[0] for name in picked}) >= 3  # P(<= 2 of 4 classes in 20 uniform draws) < 1e-6
+    assert seeded_subset(listing, 20, seed=0) == picked and seeded_subset(listing, 20, seed=1) != picked
+    assert seeded_subset(listing, None) == listing and seeded_subset(listing, 500) == listing
+    with pytest.raises(ConfigError, match="--max-images"):
+        seeded_subset(listing, 0)
+
+    from franca.data.synth import generate_synthetic_dataset
+
+    root = tmp_path / "synth"
+    generate_synthetic_dataset(root, num_train=6, num_val=2, size=16, seed=0, progress=False)
+    full = SegmentationDataset(root, split="train", size=16)
+    sample = SegmentationDataset(root, split="train", size=16, max_samples=3)
+    assert sample.samples == seeded_subset(full.samples, 3, seed=0)
+    facts = sample.describe()
+    assert facts["num_samples"] == 3 and facts["num_listed"] == 6 and "seed 0" in facts["subset"]
+    assert full.describe()["subset"] == "all"

@@ -385,13 +385,15 @@ class SegmentationDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         max_samples: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if size <= 0:
             raise ConfigError(f"image size must be positive (got {size})")
         listing = list_segmentation_samples(root, split, layout)
-        self.samples = listing.samples[:max_samples] if max_samples else listing.samples
+        self.samples = seeded_subset(listing.samples, max_samples, subset_seed)
+        self.num_listed, self.subset_seed = len(listing.samples), subset_seed
         self.layout = listing.layout
         self.root = listing.root
         self.split = listing.split
@@ -480,6 +482,12 @@ class SegmentationDataset(Dataset):
             "layout": self.layout,
             "split": self.split,
             "num_samples": len(self),
+            "num_listed": self.num_listed,
+            "subset": (
+                f"seeded uniform sample (seed {self.subset_seed}), in listed order"
+                if len(self) < self.num_listed
+                else "all"
+            ),
             "num_missing": self.num_missing,
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
@@ -487,6 +495,18 @@ class SegmentationDataset(Dataset):
             "resize_mode": self.resize_mode,
             "ignore_background": self.ignore_background,
         }
+
+
+def seeded_subset(items: Sequence, count: int | None, seed: int = 0) -> list:
+    """``count`` items drawn uniformly at random with ``seed`` (the same draw for every model compared), kept in their
+    listed order; all items when ``count`` is None or not smaller. Never the first ``count``: a sorted listing of a
+    class-foldered data set would give whole classes."""
+    if count is not None and count < 1:
+        raise ConfigError(f"--max-images must be at least 1 (got {count})")
+    if count is None or count >= len(items):
+        return list(items)
+    chosen = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return [items[index] for index in chosen.tolist()]
 
 
 def build_segmentation_datasets(

@@ -104,7 +104,11 @@ def add_segmentation_arguments(parser: argparse.ArgumentParser, train: bool = Tr
         help="treat label 0 as ignore and shift the other labels down",
     )
     group.add_argument(
-        "--max-images", type=int, default=None, help="use at most this many images of each split"
+        "--max-images",
+        type=int,
+        default=None,
+        help="use at most this many images of each split: a seeded uniform sample (seed 0, the same for every "
+        "model), in listed order (default: all)",
     )
 
 
