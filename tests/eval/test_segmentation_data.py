@@ -269,7 +269,9 @@ def test_max_images_is_a_seeded_uniform_sample_not_the_first_classes(tmp_path: P
     assert len(picked) == 20 and len(set(picked)) == 20 and set(picked) <= set(listing)
     assert picked == sorted(picked, key=listing.index)  # listed order kept
     assert picked != listing[:20]
-    assert len({name.split("/")[0] for name in picked}) >= 3  # P(<= 2 of 4 classes in 20 uniform draws) < 1e-6
+    assert (
+        len({name.split("/")[0] for name in picked}) >= 3
+    )  # P(<= 2 of 4 classes in 20 uniform draws) < 1e-6
     assert seeded_subset(listing, 20, seed=0) == picked and seeded_subset(listing, 20, seed=1) != picked
     assert seeded_subset(listing, None) == listing and seeded_subset(listing, 500) == listing
     with pytest.raises(ConfigError, match="--max-images"):
