@@ -184,3 +184,13 @@ def test_cli_reports_inconsistent_data_in_one_line(tiny_setup, tmp_path: Path, c
     ]
     assert _run(argv) == 2  # not a multiple of the patch size
     assert "multiple of the patch size" in capsys.readouterr().err
+
+
+def test_size_defaults_to_the_resolution_the_checkpoint_records(tiny_setup, tmp_path: Path) -> None:
+    """Without --size the model trained at 32 px is evaluated at 32 px (not 224: 7x upsampled images)."""
+    data = str(tiny_setup["data"])
+    common = [arg for arg in _common(tiny_setup, tmp_path) if arg not in ("--size", str(SIZE))]
+    assert _run(["eval", "hummingbird", *common, "--train", data, "--val", data]) == 0
+    metrics = json.loads((tmp_path / "hummingbird.json").read_text())["metrics"]
+    assert metrics["size"] == SIZE and metrics["val_data"]["size"] == SIZE
+    assert metrics["memory_patches_total"] == 6 * (SIZE // 8) ** 2  # a 4 x 4 grid per train image

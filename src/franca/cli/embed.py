@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from franca.cli.options import non_negative_int, output_file, positive_int
+from franca.cli.options import input_size, non_negative_int, output_file, positive_int
 from franca.features.files import OUTPUT_SUFFIXES, save_embeddings
 
 
@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output .npy or .safetensors file; the row order goes to <stem>.paths.jsonl beside it",
     )
     parser.add_argument(
-        "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
+        "--size",
+        type=int,
+        default=None,
+        help="input side in pixels, a multiple of the patch size (default: the resolution the checkpoint records)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     parser.add_argument(
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     result = embed_images(
         model,
         paths,
-        size=args.size,
+        size=input_size(args.size, model),
         batch_size=args.batch_size,
         tokens=tokens,
         device=device,

@@ -71,3 +71,15 @@ def seed_list(base_seed: int, count: int) -> list[int]:
     if count < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {count})")
     return [base_seed + index for index in range(count)]
+
+
+def input_size(size: int | None, model: object, option: str = "--size") -> int:
+    """The input side to use: ``size`` when given, else the resolution the checkpoint records (its ``img_size``,
+    the size it was trained at); ConfigError when it is not a multiple of the model's patch size."""
+    config = getattr(model, "config", None)
+    recorded = config.get("img_size") if isinstance(config, dict) else getattr(config, "img_size", None)
+    resolved = int(size if size is not None else recorded or 224)
+    patch = int(getattr(model, "patch_size", 1))
+    if resolved <= 0 or resolved % patch:
+        raise ConfigError(f"{option} {resolved} is not a positive multiple of the patch size {patch}")
+    return resolved

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from franca.cli.options import non_negative_int, output_folder, positive_int
+from franca.cli.options import input_size, non_negative_int, output_folder, positive_int
 from franca.core.errors import ConfigError
 
 
@@ -110,14 +110,6 @@ def _table(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _crop_size(size: int | None, model: Any) -> int:
-    """``--size``, else the model's training size; ConfigError when it is not a multiple of the patch size."""
-    size = size or model.config.img_size
-    if size % model.patch_size:
-        raise ConfigError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
-    return size
-
-
 def _plan(args: argparse.Namespace, images: tuple[int, int], size: int, patch_size: int, device: Any) -> str:
     """The line that says what the run will do, before it starts."""
     grid = size // patch_size
@@ -183,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_backbone(args.checkpoint)
     had_rasa = model.rasa is not None
     model.set_rasa(None)
-    size = _crop_size(args.size, model)
+    size = input_size(args.size, model)
     train_paths, heldout_paths = _split(list_images(args.data), args.holdout, args.max_images, args.seed)
     loader, eval_loader = rasa_loaders(
         train_paths, heldout_paths, size, args.batch_size, args.num_workers, args.seed, device.type == "cuda"

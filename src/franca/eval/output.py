@@ -16,7 +16,11 @@ def _format_cell(value: Any, precision: int) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
-        return f"{value:.{precision}f}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) < 0.5 * 10**-precision:  # 0.001 would print as 0.00: keep its digits
+            return f"{value:.{max(1, precision)}g}"
+        return f"{value:.{precision}f}"
     return str(value)
 
 

@@ -7,10 +7,11 @@ Defining options imports no torch; the glue functions (:func:`load_model`, :func
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
-from franca.cli.options import non_negative_int, output_folder, positive_int
+from franca.cli.options import input_size, non_negative_int, output_folder, positive_int
 from franca.eval import defaults
 from franca.eval.output import format_table
 
@@ -44,7 +45,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, protocol: str | None =
         help=f"where to write the JSON results (default: {default_dir or 'runs/eval/<protocol>'})",
     )
     group.add_argument(
-        "--size", type=int, default=224, help="input side in pixels, a multiple of the patch size"
+        "--size",
+        type=int,
+        default=None,
+        help="input side in pixels, a multiple of the patch size (default: the resolution the checkpoint records, "
+        "e.g. 518 for the released Franca files, 32 for the demo's model)",
     )
     group.add_argument(
         "--batch-size", type=positive_int, default=defaults.EXTRACT_BATCH_SIZE, help="images per forward pass"
@@ -130,7 +135,13 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from franca.eval.common import load_model as load_eval_model
 
     seed_everything(args.seed)
-    return load_eval_model(args.checkpoint, rasa=args.rasa, device=args.device, size=args.size)
+    model, device = load_eval_model(args.checkpoint, rasa=args.rasa, device=args.device, size=args.size)
+    if args.size is None:
+        args.size = input_size(None, model)
+        logging.getLogger(__name__).info(
+            "evaluating at %d px, the resolution the checkpoint records (--size to change)", args.size
+        )
+    return model, device
 
 
 def classification_data(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_of(args: argparse.Namespace) -> Any:
-    """The :class:`franca.eval.pca_maps.PcaSettings` of the options."""
+    """The :class:`franca.eval.pca_maps.PcaSettings` of the options (checked before the model loads; without
+    --size, the size is set to the checkpoint's once it has loaded)."""
     from franca.eval.pca_maps import PcaSettings
 
     return PcaSettings(
-        size=args.size,
+        size=args.size if args.size is not None else PcaSettings.size,
         foreground_threshold=args.foreground_threshold,
         invert_foreground=args.invert_foreground,
         tokens=args.tokens,
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = settings_of(args)
     model, device = common.load_model(args)
+    settings = dataclasses.replace(settings, size=args.size)
     paths = list_images(args.images)[: max(1, args.max_images)]
     output_dir = (
         Path(args.output_dir) if args.output_dir is not None else defaults.DEFAULT_OUTPUT_ROOT / "pca"
