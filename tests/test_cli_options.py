@@ -157,3 +157,29 @@ def test_good_values_still_parse(tmp_path: Path) -> None:
         assert args.output_dir == str(existing) and args.batch_size == 1 and args.num_workers == 0
     args = parser.parse_args(_commands(tmp_path)["embed"])
     assert args.out == str(tmp_path / "out" / "f.npy") and args.batch_size == 32
+
+
+def test_every_help_states_the_defaults(capsys) -> None:
+    """`--help` names the default of every option that has one (issue: embed --tokens, overcluster --clusters)."""
+    import argparse
+
+    from franca.cli import main
+    from franca.cli.options import DefaultsHelpFormatter
+
+    for argv, expected in (
+        (["embed", "--help"], ["(default: cls)", "(default: 32)"]),
+        (["eval", "overcluster", "--help"], ["(default: 100 300)", "(default: 5)"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+        for piece in expected:
+            assert piece in text, (argv, piece)
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--a", type=int, default=3, help="a number")
+    parser.add_argument("--b", default=None, help="absent unless given")
+    parser.add_argument("--c", action="store_true", help="a switch")
+    parser.add_argument("--d", default=7, help="seven (default 7)")
+    text = " ".join(parser.format_help().split())
+    assert "a number (default: 3)" in text and "absent unless given --c" in text
+    assert "a switch --d" in text and "seven (default 7)" in text and "(default: 7)" not in text

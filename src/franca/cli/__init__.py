@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from franca.cli.options import DefaultsHelpFormatter
 from franca.core.errors import FrancaError
 
 # The extra that installs each optional package a command may need (pyproject.toml).
@@ -44,11 +45,15 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="franca", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="franca", description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"franca.cli.{name}")
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+        )
         sub.set_defaults(_module=name)
         module.add_arguments(sub)
     return parser

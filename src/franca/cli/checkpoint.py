@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from franca.cli.options import DefaultsHelpFormatter
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``consolidate`` and ``shard`` actions as sub-commands of ``parser``."""
     actions = parser.add_subparsers(dest="checkpoint_action", metavar="ACTION")
     consolidate = actions.add_parser(
         "consolidate",
+        formatter_class=DefaultsHelpFormatter,
         help="write a sharded checkpoint folder (checkpoint_<iter>.dcp) as one .pt file",
         description="Read every shard of a torch.distributed.checkpoint folder in this process and write the whole "
         "training state as one torch.save file (needs memory for the whole state).",
@@ -25,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     consolidate.add_argument("--out", required=True, help="the .pt file to write (written atomically)")
     shard = actions.add_parser(
         "shard",
+        formatter_class=DefaultsHelpFormatter,
         help="write a single-file checkpoint (checkpoint_<iter>.pt) as a sharded checkpoint folder",
         description="Write a single-file training checkpoint as a torch.distributed.checkpoint folder, from which a "
         "run of any world size resumes, each rank reading only its own slices.",

@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 
-from franca.cli.options import output_folder
+from franca.cli.options import DefaultsHelpFormatter, output_folder
 from franca.data.synth import STYLES, generate_synthetic_dataset
 
 DEFAULT_TRAIN_IMAGES = 10000
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
     synth = actions.add_parser(
         "synth",
+        formatter_class=DefaultsHelpFormatter,
         help="write the procedural synthetic shapes data set (train/val ImageFolders + segmentation masks)",
         description="Write the procedural synthetic shapes data set: DIR/{train,val}/<class>/<stem>.png images, "
         "DIR/masks/{train,val}/<class>/<stem>.png masks (0 background, class id + 1 objects, 255 ignore), "

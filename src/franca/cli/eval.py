@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from franca.cli.options import DefaultsHelpFormatter
+
 _MODULES = "franca.cli.eval_protocols"
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -44,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     subparsers = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
     for name, (module_name, help_text) in PROTOCOLS.items():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+        )
         sub.set_defaults(_eval_module=module_name)
         module.add_arguments(sub)
 

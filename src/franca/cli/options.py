@@ -83,3 +83,16 @@ def input_size(size: int | None, model: object, option: str = "--size") -> int:
     if resolved <= 0 or resolved % patch:
         raise ConfigError(f"{option} {resolved} is not a positive multiple of the patch size {patch}")
     return resolved
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: ``(default: X)`` is appended unless the help already names its
+    default, or the default is None / False (an absent option) / suppressed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})"
