@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from franca.core.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError, check_choice
 from franca.data.synth import CLASS_NAMES
 from franca.eval.hummingbird import HummingbirdSettings, LabelBank, label_bank, score_hummingbird
 from franca.eval.knn import knn_classify
@@ -224,8 +224,7 @@ def prepare_data(settings: DemoSettings, log: PhaseLog) -> Any:
     """
     from franca.data.synth import STYLES, generate_synthetic_dataset, read_synth_info
 
-    if settings.style not in STYLES:
-        raise ConfigError(f"--style {settings.style!r} is not one of {', '.join(STYLES)}")
+    check_choice("--style", settings.style, STYLES)
     style = STYLES[settings.style]
     root = settings.data_path
     existing = None

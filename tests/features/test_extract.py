@@ -139,3 +139,16 @@ def test_dict_batches_and_batches_of_several_image_sizes(model):
     mixed = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 24, 32)]
     with pytest.raises(DataError, match=r"patch tokens of different shapes \(3, 4, 192\) and \(4, 4, 192\)"):
         extract_features(model, mixed, ["cls", "patch"], progress=False)
+
+
+def test_several_blocks_stay_several_when_registers_are_asked_for_too(model):
+    """The registers need a forward_features pass; it must not replace the blocks' tokens with the last block's."""
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        alone = forward_tokens(model, images, ["cls_blocks", "patch_blocks"], n_blocks=2)
+        with_registers = forward_tokens(
+            model, images, ["cls_blocks", "patch_blocks", "registers"], n_blocks=2
+        )
+    assert alone["cls_blocks"].shape[-1] == 2 * model.embed_dim
+    assert torch.equal(with_registers["cls_blocks"], alone["cls_blocks"])
+    assert torch.equal(with_registers["patch_blocks"], alone["patch_blocks"])

@@ -5,6 +5,10 @@ subclass of :class:`FrancaError`; the command line prints its message on one lin
 instead of showing a stack trace.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class FrancaError(Exception):
     """Base class for errors whose message tells the user what to do."""
@@ -28,3 +32,10 @@ class DiskFullError(FrancaError):
 
 class RunDirectoryBusyError(FrancaError):
     """Another process is writing the same run directory."""
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    """Raise a one-line ConfigError naming ``name`` (an option or config key) when ``value`` is not in ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(map(str, choices))}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.core.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError, check_choice
 from franca.data.images import SkipCounter
 from franca.eval import defaults
 from franca.eval.common import make_loader, model_device
@@ -197,10 +197,8 @@ class HummingbirdSettings:
             raise ConfigError(f"--temperature must be positive (got {self.temperature})")
         if self.memory_size is not None and self.memory_size < 1:
             raise ConfigError(f"--memory-size must be at least 1 (got {self.memory_size})")
-        if self.search not in SEARCH_CHOICES:
-            raise ConfigError(f"--search {self.search!r} is not one of {', '.join(SEARCH_CHOICES)}")
-        if self.tokens not in TOKEN_CHOICES:
-            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+        check_choice("--search", self.search, SEARCH_CHOICES)
+        check_choice("--tokens", self.tokens, TOKEN_CHOICES)
 
 
 @dataclass(frozen=True)

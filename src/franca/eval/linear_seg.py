@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.core.errors import ConfigError
+from franca.core.errors import ConfigError, check_choice
 from franca.core.progress import ProgressBar
 from franca.eval import defaults
 from franca.eval.common import model_device, split_features
@@ -118,16 +118,14 @@ class LinearSegSettings:
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             raise ConfigError(f"--train-batch-size must be at least 1 (got {self.batch_size})")
         if self.n_last_blocks < 1:
             raise ConfigError(f"--n-last-blocks must be at least 1 (got {self.n_last_blocks})")
-        if self.tokens not in TOKEN_CHOICES:
-            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+        check_choice("--tokens", self.tokens, TOKEN_CHOICES)
 
     @property
     def resolved_lr(self) -> float:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from franca.core.errors import ConfigError
+from franca.core.errors import ConfigError, check_choice
 from franca.core.progress import ProgressBar
 from franca.eval import defaults
 from franca.eval.common import dataset_features, model_device
@@ -110,8 +110,7 @@ def hungarian_matching(counts: np.ndarray) -> np.ndarray:
 
 def match_clusters(counts: np.ndarray, matching: str = "auto") -> tuple[np.ndarray, str]:
     """(class of each cluster [K], rule used): "auto" = Hungarian when K equals the classes, else greedy."""
-    if matching not in MATCHING:
-        raise ConfigError(f"matching {matching!r} is not one of {', '.join(MATCHING)}")
+    check_choice("matching", matching, MATCHING)
     if matching == "auto":
         matching = "hungarian" if counts.shape[0] == counts.shape[1] else "greedy"
     mapping = hungarian_matching(counts) if matching == "hungarian" else greedy_precision_matching(counts)
@@ -164,8 +163,7 @@ def standardize_and_reduce(features: np.ndarray, pca_dim: int | None = DEFAULT_P
 
 def resolve_backend(backend: str) -> str:
     """ "auto" -> faiss when importable, else sklearn."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"k-means backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    check_choice("k-means backend", backend, BACKENDS)
     if backend == "sklearn":
         return backend
     try:
@@ -230,12 +228,9 @@ class OverclusteringSettings:
     def __post_init__(self) -> None:
         if not self.clusters or min(self.clusters) < 1:
             raise ConfigError(f"--clusters must be positive numbers (got {list(self.clusters)})")
-        if self.matching not in MATCHING:
-            raise ConfigError(f"--matching {self.matching!r} is not one of {', '.join(MATCHING)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--kmeans-backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.tokens not in TOKEN_CHOICES:
-            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+        check_choice("--matching", self.matching, MATCHING)
+        check_choice("--kmeans-backend", self.backend, BACKENDS)
+        check_choice("--tokens", self.tokens, TOKEN_CHOICES)
 
 
 @dataclass(frozen=True)

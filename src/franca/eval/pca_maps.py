@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from franca.core.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError, check_choice
 from franca.eval.common import check_input_size, model_device
 from franca.eval.metrics import pca_scores
 from franca.eval.segmentation_data import RESIZE_MODES, TOKEN_CHOICES, patch_token, resize_square
@@ -96,10 +96,8 @@ class PcaSettings:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ConfigError(f"--size must be positive (got {self.size})")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"--resize-mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
-        if self.tokens not in TOKEN_CHOICES:
-            raise ConfigError(f"--tokens {self.tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+        check_choice("--resize-mode", self.resize_mode, RESIZE_MODES)
+        check_choice("--tokens", self.tokens, TOKEN_CHOICES)
 
 
 @dataclass(frozen=True)

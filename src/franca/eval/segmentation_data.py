@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
-from franca.core.errors import ConfigError, DataError
+from franca.core.errors import ConfigError, DataError, check_choice
 from franca.eval import defaults
 from franca.features import Features
 
@@ -274,8 +274,7 @@ def list_segmentation_samples(
     root: str | os.PathLike, split: str = "val", layout: str = "auto"
 ) -> SegmentationListing:
     """Find the (image, mask) pairs of ``split`` under ``root`` in the given layout (see the module docstring)."""
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    check_choice("layout", layout, LAYOUTS)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"segmentation data folder {root} does not exist; give the data set root")
@@ -356,8 +355,7 @@ def resize_square(tensor: Tensor, size: int, resize_mode: str = "resize", neares
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    if resize_mode not in RESIZE_MODES:
-        raise ConfigError(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    check_choice("resize mode", resize_mode, RESIZE_MODES)
     mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
     if resize_mode == "resize":
         return TF.resize(tensor, [size, size], mode, antialias=True)
@@ -387,8 +385,7 @@ class SegmentationDataset(Dataset):
         max_samples: int | None = None,
         subset_seed: int = 0,
     ) -> None:
-        if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        check_choice("resize mode", resize_mode, RESIZE_MODES)
         if size <= 0:
             raise ConfigError(f"image size must be positive (got {size})")
         listing = list_segmentation_samples(root, split, layout)
@@ -555,8 +552,7 @@ def patch_token(model: nn.Module, tokens: str = "auto", n_blocks: int = 1) -> st
     ``"auto"``: RASA tokens when a RASA head is attached (the paper evaluates dense tasks with RASA), else patch.
     Several blocks are only defined for the raw patch tokens.
     """
-    if tokens not in TOKEN_CHOICES:
-        raise ConfigError(f"tokens {tokens!r} is not one of {', '.join(TOKEN_CHOICES)}")
+    check_choice("tokens", tokens, TOKEN_CHOICES)
     has_rasa = getattr(model, "rasa", None) is not None
     if tokens == "rasa" and not has_rasa:
         raise ConfigError("--tokens rasa: the model has no RASA head; attach one with --rasa HEAD")

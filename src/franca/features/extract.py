@@ -136,7 +136,11 @@ def forward_tokens(
     if not several or "registers" in tokens:
         out = model.forward_features(images)
         patch, cls = out["x_norm_patchtokens"], out["x_norm_clstoken"]
-        cls_blocks, patch_blocks = cls, patch
+        if not several:
+            cls_blocks, patch_blocks = cls, patch
+    if any(token in RASA_TOKENS for token in tokens):  # once, whichever RASA tokens are asked for
+        patch_rasa = out.get("x_norm_patchtokens_rasa")
+        patch_rasa = patch_rasa if patch_rasa is not None else rasa(patch)
     grid = (batch, height // patch_size, width // patch_size, -1)
     computed = {
         "cls": lambda: cls,
@@ -144,9 +148,9 @@ def forward_tokens(
         "registers": lambda: out["x_norm_regtokens"],
         "patch": lambda: patch.reshape(grid),
         "patch_blocks": lambda: patch_blocks.reshape(grid),
-        "patch_rasa": lambda: rasa(patch).reshape(grid),
+        "patch_rasa": lambda: patch_rasa.reshape(grid),
         "pooled": lambda: patch.mean(dim=1),
-        "pooled_rasa": lambda: rasa(patch).mean(dim=1),
+        "pooled_rasa": lambda: patch_rasa.mean(dim=1),
     }
     return {token: computed[token]() for token in tokens}
 
