@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from common import machine_info, print_table, write_json
 from torch import Tensor, nn
 
-from franca import demo
+from franca.apps import demo
+from franca.apps.demo.settings import NUM_SHAPE_CLASSES
 from franca.eval.hummingbird import HummingbirdSettings, label_bank, score_hummingbird
 from franca.eval.knn import knn_classify
 from franca.features import Features, TensorImages, extract_features
@@ -88,7 +89,7 @@ def knn_top1(train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tenso
         val_labels,
         ks=(settings.knn_k,),
         temperature=settings.knn_temperature,
-        num_classes=demo.NUM_SHAPE_CLASSES,
+        num_classes=NUM_SHAPE_CLASSES,
     )
     return results[f"k{settings.knn_k}"]["top1"]
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     size = config.crops.global_size
     train = demo.load_split(data, "train", size, progress=False, max_images=settings.train_images)
     val = demo.load_split(data, "val", size, progress=False)  # all of it, as the demo
-    num_classes = demo.NUM_SHAPE_CLASSES + 1  # + background
+    num_classes = NUM_SHAPE_CLASSES + 1  # + background
     bank = label_bank(train.masks, config.model.patch_size, num_classes, settings.hummingbird_memory_patches)
     hummingbird = HummingbirdSettings(
         k=settings.hummingbird_k, temperature=settings.hummingbird_temperature, search="torch"

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from franca.apps.demo import DemoSettings, EvalSettings, dino_plateau, run_demo, summary_text
 from franca.cli import build_parser, main
 from franca.core.errors import ConfigError
-from franca.demo import DemoSettings, EvalSettings, dino_plateau, run_demo, summary_text
 from franca.report import format_value
 from franca.train.config import load_config
 
@@ -245,7 +245,7 @@ def _pixels(root: Path, split: str) -> torch.Tensor:
 
 
 def test_split_loading_matches_the_files(demo: dict) -> None:
-    from franca.demo import load_split
+    from franca.apps.demo import load_split
 
     root = demo["out"] / "data"
     _, masks, labels = _load_split(root, "val")
@@ -266,7 +266,7 @@ def test_split_loading_matches_the_files(demo: dict) -> None:
 
 def test_hummingbird_adapter_with_oracle_features(demo: dict) -> None:
     """Patch features that encode each patch's majority label: HummingBird must segment well, as the reference."""
-    from franca.demo import DemoData, SplitData, run_hummingbird
+    from franca.apps.demo import DemoData, SplitData, run_hummingbird
     from franca.eval.hummingbird import label_bank
 
     root = demo["out"] / "data"
@@ -296,7 +296,7 @@ def test_hummingbird_adapter_with_oracle_features(demo: dict) -> None:
 
 
 def test_random_init_is_the_trainers_initial_teacher(demo: dict) -> None:
-    from franca.demo import random_init_backbone
+    from franca.apps.demo import random_init_backbone
     from franca.train.config import load_config
     from franca.train.trainer import Trainer
 
@@ -425,8 +425,8 @@ def test_report_renders_in_chromium(demo: dict) -> None:
 def test_cli_options(tmp_path: Path) -> None:
     args = build_parser().parse_args(["demo", "--quick", "--iterations", "7", "optim.base_lr=1e-3"])
     assert args.quick and args.iterations == 7 and args.overrides == ["optim.base_lr=1e-3"]
+    from franca.apps.demo import QUICK, apply_quick
     from franca.cli.demo import DEFAULT_QUICK_OUTPUT
-    from franca.demo import QUICK, apply_quick
 
     settings = apply_quick(DemoSettings(quick=True, iterations=7), {"iterations"})
     assert settings.iterations == 7 and settings.num_images == QUICK["num_images"]
@@ -438,7 +438,7 @@ def test_cli_options(tmp_path: Path) -> None:
 
 
 def test_training_overrides_scale_with_the_run_and_move_augmentation_to_the_gpu(tmp_path: Path) -> None:
-    from franca.demo import training_overrides
+    from franca.apps.demo import training_overrides
 
     preset = load_config("tiny_cpu")
     settings = DemoSettings(output_dir=tmp_path, iterations=2 * preset.train.iterations, size=64)

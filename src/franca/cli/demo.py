@@ -1,7 +1,7 @@
 """``franca demo``: synthetic data, a tiny Franca pre-training, evaluation against random init, an HTML report.
 
-The work is done by :func:`franca.demo.run_demo`; this module only maps the options onto
-:class:`franca.demo.DemoSettings`. Heavy imports happen inside :func:`run` so that ``franca --help`` stays fast.
+The work is done by :func:`franca.apps.demo.run_demo`; this module only maps the options onto
+:class:`franca.apps.demo.DemoSettings`. Heavy imports happen inside :func:`run` so that ``franca --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the settings from ``args`` and run the demo; returns 0."""
+    from franca.apps.demo import DemoSettings, apply_quick, run_demo, summary_text
     from franca.core.errors import ConfigError
-    from franca.demo import DemoSettings, apply_quick, run_demo, summary_text
 
     for name in ("num_images", "val_images", "iterations", "batch_size"):
         value = getattr(args, name)

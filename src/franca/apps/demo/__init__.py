@@ -1,0 +1,54 @@
+"""``franca demo``: synthetic data, a tiny Franca pre-training, evaluation against its random init, a report.
+
+The flow (each phase prints one line with the elapsed time; tqdm bars show progress inside):
+
+1. **data**: the procedural synthetic shapes data set (:mod:`franca.data.synth`) in ``--data`` (default
+   ``<output-dir>/data``); a complete data set already there with the requested sizes is reused.
+2. **train**: the ``tiny_cpu`` preset (:file:`franca/configs/tiny_cpu.yaml`) with dotlist overrides for the data
+   path, the image size and the run length (on CUDA: a bigger batch and more iterations). Training runs in chunks that
+   each end with a checkpoint, so that a time budget can stop it cleanly and a re-run resumes where it stopped.
+3. **features**: every train and val image goes through each backbone ONCE (:mod:`franca.features`: CLS token,
+   patch-token grid, mean patch token); every protocol then scores those tensors with the scoring functions of
+   :mod:`franca.eval` (never the high-level ``evaluate_*`` helpers, which would each re-extract the features).
+4. **evaluate** the trained teacher backbone and the same architecture at its random initialisation (built exactly as
+   the trainer builds it): k-NN, linear probe, HummingBird in-context segmentation, overclustering,
+   Matryoshka-sliced k-NN (plus PCA-truncated); RASA on the trained backbone (position R^2 per iteration, HummingBird
+   with and without it); PCA maps of a few validation images.
+5. **report**: ``report.html`` (self-contained, :mod:`franca.report`) and ``metrics.json`` in ``--output-dir``.
+
+``--ablation`` also trains the Matryoshka heads in ``project`` and ``tied`` modes and the single-head DINOv2 baseline
+(``heads.mode=dinov2``) with the same budget (the main run is the ``slice`` mode) and compares them.
+
+Output layout::
+
+    <output-dir>/data/                 synthetic data set (unless --data points elsewhere)
+    <output-dir>/train/                the main run (config.yaml, metrics.jsonl, checkpoints/, teacher_backbone...)
+    <output-dir>/ablation/<mode>/      the ablation runs (project, tied, dinov2)
+    <output-dir>/figures/*.png         the plots embedded in the report
+    <output-dir>/report.html, metrics.json (and ablation.json with --ablation)
+"""
+
+from franca.apps.demo.data import DemoData, SplitData, load_split, prepare_data
+from franca.apps.demo.evaluation import evaluate_backbone
+from franca.apps.demo.flow import run_demo, summary_text
+from franca.apps.demo.protocols import run_hummingbird
+from franca.apps.demo.settings import QUICK, DemoSettings, EvalSettings, apply_quick
+from franca.apps.demo.training import dino_plateau, random_init_backbone, training_overrides
+
+__all__ = [
+    "QUICK",
+    "DemoData",
+    "DemoSettings",
+    "EvalSettings",
+    "SplitData",
+    "apply_quick",
+    "dino_plateau",
+    "evaluate_backbone",
+    "load_split",
+    "prepare_data",
+    "random_init_backbone",
+    "run_demo",
+    "run_hummingbird",
+    "summary_text",
+    "training_overrides",
+]
