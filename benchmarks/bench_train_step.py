@@ -7,8 +7,9 @@ Each preset builds the networks, loss and optimiser exactly as the trainer does 
 franca.train.optim, franca.train.ema) and times the same step as ``Trainer.train_step`` on pre-built synthetic
 batches (random crops, CyclicMask masks from franca.ssl.build_mask_batch), so no data loading is timed. The table
 gives the median step time over ``--steps`` steps after ``--warmup`` steps, the throughput, the analytic model FLOPs
-of the step (franca.flops.franca_step_flops, with the batches' real masked-patch counts), the achieved FLOP/s, the
-measured peak matrix-product rate and MFU = achieved / peak. Writes JSON to benchmarks/out/train_step.json.
+of the step (franca.train.flops.franca_step_flops, with the batches' real masked-patch counts), the achieved
+FLOP/s, the measured peak matrix-product rate and MFU = achieved / peak. Writes JSON to
+benchmarks/out/train_step.json.
 ``--phases`` also times each phase of the step (schedules, teacher forward, student forward, losses, backward,
 clipping, AdamW, EMA; synchronised between phases on CUDA, which removes their overlap) and prints a second table
 with the median milliseconds of each.
@@ -42,10 +43,10 @@ from common import (
 )
 
 from franca.data.batch import TrainBatch
-from franca.flops import franca_step_flops, measure_peak_flops, mfu, num_tokens, vit_config_from_train
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import TrainConfig, load_config
 from franca.train.ema import ema_update_, pair_parameters
+from franca.train.flops import franca_step_flops, measure_peak_flops, mfu, num_tokens, vit_config_from_train
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
 from franca.train.parallel import parallelize
 from franca.train.schedules import Schedules

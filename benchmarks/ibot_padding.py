@@ -11,7 +11,7 @@ are M masked patches plus ``upperbound - M`` padding rows. franca runs Sinkhorn-
 stratified ratio bounds, computed as the official collate function does (a float32 ``torch.linspace``; franca's
 :func:`franca.ssl.build_mask_batch` uses float64, which can move the bound by a row or two); M is drawn by
 :func:`franca.ssl.build_mask_batch`, the collate function's mask construction. The padded fraction is (upperbound - M) / upperbound. Its expectation is exact
-here (:func:`franca.flops.expected_masked_patches`); the sampled mean, min and max come from ``--trials`` seeded
+here (:func:`franca.train.flops.expected_masked_patches`); the sampled mean, min and max come from ``--trials`` seeded
 batches. Across GPUs the fraction is the same (the sums of both counts scale with the number of GPUs). It shrinks
 with the per-GPU batch: the paper's global batches on its GPU counts give 64 images per GPU for ViT-B (2048 on 32
 GPUs) and 48 for ViT-L (3072 on 64); the official configs and scripts run 32 per GPU. ViT-L and ViT-g share ViT-B's
@@ -30,9 +30,9 @@ import sys
 import torch
 from common import machine_info, print_table, write_json
 
-from franca.flops import expected_masked_patches
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import MaskingConfig, load_config
+from franca.train.flops import expected_masked_patches
 
 DINOV2_RATIO_RANGE = (0.1, 0.5)  # DINOv2's default, for comparison with Franca's (0.1, 0.65)
 

@@ -84,7 +84,7 @@ def _run(settings: DemoSettings) -> tuple[dict, str]:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One shortened demo with the ablation (3 training steps per mode), then a second, resumed invocation."""
     out = tmp_path_factory.mktemp("demo")
-    metrics, stdout = _run(_settings(out, ablation=True))
+    metrics, stdout = _run(_settings(out, ablation=True, seeds=2))
     log_before = (out / "train" / "metrics.jsonl").read_text()
     report = out / "first_report.html"  # the re-run below rewrites report.html (without the ablation section)
     report.write_bytes((out / "report.html").read_bytes())
@@ -334,17 +334,36 @@ def test_metrics_json_and_runs(demo: dict) -> None:
     assert len(saved["rasa"]["iterations"]) == LIGHT_EVAL.rasa_iterations
     assert 0.0 <= saved["hummingbird_rasa"]["miou"] <= 100.0
     assert saved["timings"]["total"] > 0 and "train" in saved["timings"]
-    ablation = json.loads((out / "ablation.json").read_text())
-    # metrics files sort their keys
-    assert sorted(ablation["modes"]) == ["dinov2", "project", "slice", "tied"]
-    for mode in ("project", "tied", "dinov2"):
-        run = out / "ablation" / mode
-        assert (run / "teacher_backbone.safetensors").is_file()
-        assert f"mode: {mode}" in (run / "config.yaml").read_text()
-        assert ablation["modes"][mode]["training"]["iteration"] == ITERATIONS
-    assert ablation["modes"]["slice"]["knn_top1"] == pytest.approx(
-        metrics["trained"]["knn"]["top1"], abs=0.01
-    )
+    ablation = json.loads((out / "ablation" / "ablation.json").read_text())
+    assert ablation["seeds"] == [0, 1] and ablation["budgets"] == ["iterations", "time"]
+    for mode in ("slice", "project", "tied", "dinov2"):
+        for seed in (0, 1):
+            run = out / ("train" if (mode, seed) == ("slice", 0) else f"ablation/{mode}/seed{seed}")
+            assert (run / "teacher_backbone.safetensors").is_file()
+            assert f"mode: {mode}" in (run / "config.yaml").read_text()
+            assert f"seed: {seed}" in (run / "config.yaml").read_text()
+    equal_iterations = [r for r in ablation["runs"] if r["budget"] == "iterations"]
+    assert len(equal_iterations) == 8 and all(r["iteration"] == ITERATIONS for r in equal_iterations)
+    # the demo's own run is the slice run of seed 0: its scores are the demo's
+    (slice0,) = [r for r in equal_iterations if (r["mode"], r["seed"]) == ("slice", 0)]
+    assert slice0["metrics"]["knn_top1"] == pytest.approx(metrics["trained"]["knn"]["top1"])
+    assert slice0["metrics"]["linear_top1"] == pytest.approx(metrics["trained"]["linear"]["top1"])
+    # the mean and sample std over the two seeds, by hand
+    for mode in ("slice", "dinov2"):
+        values = [r["metrics"]["hummingbird_miou"] for r in equal_iterations if r["mode"] == mode]
+        entry = ablation["summary"]["iterations"][mode]["hummingbird_miou"]
+        assert entry["mean"] == pytest.approx(sum(values) / 2)
+        assert entry["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    # equal time: each mode trained round(n * t_slice / t_mode) iterations, from the measured step times
+    steps = ablation["step_times"]
+    for r in (r for r in ablation["runs"] if r["budget"] == "time"):
+        assert (
+            r["iterations"]
+            == steps["iterations"][r["mode"]]
+            == max(1, round(ITERATIONS * steps["step_seconds"]["slice"] / steps["step_seconds"][r["mode"]]))
+        )
+    assert (out / "ablation" / "report.html").is_file()
+    assert not (out / "ablation" / "calibration").exists()  # the step-time runs are cleaned up
     # The printed summary: the table, the report's path and the total time.
     stdout = demo["stdout"]
     assert "metric" in stdout and "random init" in stdout and "k-NN top-1" in stdout
@@ -399,8 +418,8 @@ def _check_page(page: _Page, metrics: dict) -> None:
         assert row[1] == format_value(expected["trained"]) and row[2] == format_value(expected["random_init"])
     assert len(summary) == len(metrics["summary"]) + 1
     assert any(r[0] == "slice" for table in page.tables for r in table)  # the ablation table
-    # loss curves, sliced k-NN, RASA, PCA maps, ablation sliced k-NN
-    assert len(page.images) == 5
+    # loss curves, sliced k-NN, RASA, PCA maps (the ablation's plots are in its own report)
+    assert len(page.images) == 4
     for image in page.images:
         prefix = "data:image/png;base64,"
         assert image["src"].startswith(prefix)

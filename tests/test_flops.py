@@ -10,7 +10,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from franca.data.batch import TrainBatch
-from franca.flops import (
+from franca.models.heads import DINOHead, MatryoshkaHead
+from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
+from franca.ssl import CyclicMask, build_mask_batch
+from franca.train.config import MaskingConfig, load_config
+from franca.train.flops import (
     HeadSpec,
     expected_masked_patches,
     franca_step_flops,
@@ -21,10 +25,6 @@ from franca.flops import (
     vit_flops_breakdown,
     vit_forward_flops,
 )
-from franca.models.heads import DINOHead, MatryoshkaHead
-from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
-from franca.ssl import CyclicMask, build_mask_batch
-from franca.train.config import MaskingConfig, load_config
 from franca.train.ssl_model import build_head, build_student_teacher
 
 

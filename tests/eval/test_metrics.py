@@ -94,3 +94,49 @@ def test_pca_scores_are_sklearns_and_the_svd_up_to_sign() -> None:
     assert pca_scores(data.astype(np.float32), 3).dtype == np.float32
     assert pca_scores(data, 50).shape == (80, 7)  # clipped to the feature width
     assert pca_scores(data[:1], 3).tolist() == [[0.0]]  # one row: no direction, coordinate 0
+
+
+# ------------------------------------------------------------------------------------------ spreads over trainings
+def test_seed_spread_is_the_sample_standard_deviation():
+    from franca.eval.metrics import seed_spread
+
+    spread = seed_spread([1.0, 2.0, 6.0])  # mean 3, squared deviations 4 + 1 + 9 = 14, / (n - 1) = 7
+    assert spread.mean == pytest.approx(3.0)
+    assert spread.std == pytest.approx(7.0**0.5)
+    assert spread.n == 3
+    assert seed_spread([4.5]).std == 0.0
+    with pytest.raises(ValueError):
+        seed_spread([])
+
+
+def test_paired_difference_interval_agrees_with_scipy_paired_t_test():
+    from scipy import stats
+
+    from franca.eval.metrics import paired_difference
+
+    a, b = [70.1, 68.4, 72.9, 69.5], [66.0, 67.9, 70.2, 65.1]
+    result = paired_difference(a, b, confidence=0.95)
+    differences = [x - y for x, y in zip(a, b)]
+    assert result.differences == pytest.approx(differences)
+    assert result.mean == pytest.approx(sum(differences) / 4)
+    # the interval excludes 0 exactly when the two-sided paired t-test rejects at 5 %; its bounds are scipy's
+    test = stats.ttest_rel(a, b)
+    interval = test.confidence_interval(0.95)
+    assert (result.ci_low, result.ci_high) == pytest.approx((interval.low, interval.high))
+    assert result.separated == (test.pvalue < 0.05)
+    assert result.separated
+
+
+def test_paired_difference_of_noise_does_not_separate_and_one_pair_never_does():
+    from franca.eval.metrics import paired_difference
+
+    noise = paired_difference([1.0, 3.0, 2.0], [2.0, 2.0, 2.0])  # differences -1, 1, 0: mean 0, std 1
+    assert noise.mean == pytest.approx(0.0)
+    assert noise.std == pytest.approx(1.0)
+    assert not noise.separated and not noise.exceeds_spread
+    # by hand: t_{0.975, 2} = 4.302653, half width = 4.302653 * 1 / sqrt(3)
+    assert noise.ci_high == pytest.approx(4.302653 / 3**0.5, rel=1e-5)
+    single = paired_difference([5.0], [1.0])
+    assert single.mean == 4.0 and single.ci_low is None and not single.separated and not single.exceeds_spread
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from franca.flops import vit_flops_breakdown
 from franca.models import build_model
 from franca.models.checkpoints import infer_config
 from franca.models.layers import Block, drop_add_residual_batch_subset
 from franca.models.vision_transformer import ViTConfig
+from franca.train.flops import vit_flops_breakdown
 
 DIM, TOKENS = 8, 3
 ATTN, FFN = 1.0, 1000.0  # the constant outputs of the two residual branches (decodable from a row's change)

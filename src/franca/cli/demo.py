@@ -63,8 +63,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also train the project and tied Matryoshka heads and the DINOv2 single-head baseline with the "
-        "same budget and compare them",
+        help="also the head-mode study: slice, project, tied and the DINOv2 single-head baseline, each trained to "
+        "the end for --seeds seeds at equal iterations and at equal wall time, compared seed by seed; writes "
+        "<output-dir>/ablation/report.html (resumable: a re-run trains and scores only what is missing)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="--ablation: training seeds per head mode (--seed, --seed + 1, ...)",
+    )
+    parser.add_argument(
+        "--ablation-budgets",
+        nargs="+",
+        choices=("iterations", "time"),
+        default=["iterations", "time"],
+        help="--ablation: compare the modes at equal iterations, at equal wall time (a cheaper step trains "
+        "longer), or both",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument(
@@ -103,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (got {args.seeds})")
     if args.time_budget_min <= 0:
         raise ConfigError(f"--time-budget-min must be > 0 (got {args.time_budget_min})")
     explicit = {
@@ -120,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         time_budget_min=args.time_budget_min,
         ablation=args.ablation,
+        seeds=args.seeds,
+        ablation_budgets=tuple(dict.fromkeys(args.ablation_budgets)),
         device=args.device,
         quick=args.quick,
         eval_only=args.eval_only,

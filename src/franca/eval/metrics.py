@@ -8,7 +8,11 @@ mmsegmentation / DINOv2 convention; Leopart's ``PredsmIoU`` instead counts such 
 score of data sets that miss a class entirely).
 
 **Spread over seeds.** :func:`mean_and_std`: the mean and the population standard deviation (divided by n, as
-``statistics.pstdev``) of one metric measured with several seeds.
+``statistics.pstdev``) of one metric measured with several seeds (k-means restarts of one model).
+:func:`seed_spread` and :func:`paired_difference` are for comparing *trainings* over seeds: the sample standard
+deviation (divided by n - 1, ``statistics.stdev``: the seeds are a sample of the runs one could train) and, for two
+models trained with the same seeds, the mean of the per-seed differences with its Student-t confidence interval (the
+paired t-test, ``scipy.stats.ttest_rel``).
 
 **PCA**, two solvers with their own numerics, each kept for its callers:
 
@@ -24,7 +28,9 @@ score of data sets that miss a class entirely).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,6 +106,82 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
         raise ValueError("mean_and_std needs at least one value")
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / len(values))
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """One metric over the seeds of a training: the values, their mean and sample standard deviation (0 for one)."""
+
+    values: tuple[float, ...]
+    mean: float
+    std: float
+
+    @property
+    def n(self) -> int:
+        """How many seeds."""
+        return len(self.values)
+
+
+def seed_spread(values: Sequence[float]) -> SeedSpread:
+    """Mean and sample standard deviation (``statistics.stdev``, n - 1) of a metric over seeds; ValueError if empty."""
+    if not values:
+        raise ValueError("seed_spread needs at least one value")
+    values = tuple(float(value) for value in values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return SeedSpread(values, statistics.fmean(values), std)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` over seeds trained in pairs (the same seed for both): mean, sample std and the t interval.
+
+    ``ci_low``/``ci_high``: the ``confidence`` interval of the mean difference, ``mean -/+ t * std / sqrt(n)`` with
+    the Student-t quantile of n - 1 degrees of freedom (None with fewer than 2 seeds). ``separated``: the interval
+    excludes 0, i.e. the paired t-test rejects "no difference" at 1 - ``confidence``. ``exceeds_spread``: the mean
+    difference is larger than its own seed-to-seed spread (a cruder, interval-free reading).
+    """
+
+    differences: tuple[float, ...]
+    mean: float
+    std: float
+    confidence: float
+    ci_low: float | None
+    ci_high: float | None
+
+    @property
+    def n(self) -> int:
+        """How many seed pairs."""
+        return len(self.differences)
+
+    @property
+    def separated(self) -> bool:
+        """Whether the confidence interval excludes 0 (False with fewer than 2 pairs)."""
+        if self.ci_low is None or self.ci_high is None:
+            return False
+        return self.ci_low > 0 or self.ci_high < 0
+
+    @property
+    def exceeds_spread(self) -> bool:
+        """Whether |mean difference| is larger than the differences' standard deviation (False for one pair)."""
+        return self.n > 1 and abs(self.mean) > self.std
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """The per-seed differences ``a[i] - b[i]`` summarised (see :class:`PairedDifference`); needs scipy."""
+    if len(a) != len(b) or not a:
+        raise ValueError(
+            f"paired_difference needs two equally long, non-empty lists (got {len(a)} and {len(b)})"
+        )
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    spread = seed_spread([float(x) - float(y) for x, y in zip(a, b)])
+    low = high = None
+    if spread.n > 1:
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf(0.5 + confidence / 2, spread.n - 1)) * spread.std / math.sqrt(spread.n)
+        low, high = spread.mean - half, spread.mean + half
+    return PairedDifference(spread.values, spread.mean, spread.std, confidence, low, high)
 
 
 # --------------------------------------------------------------------------------------------------- PCA

@@ -25,6 +25,7 @@ from franca.report.format import MISSING, format_value, write_metrics_json
 from franca.report.html import ReportImage, ReportSection, default_facts, render_report
 from franca.report.plots import (
     load_metrics_records,
+    plot_grouped_bars,
     plot_image_grid,
     plot_loss_curves,
     plot_rasa_r2,
@@ -38,6 +39,7 @@ __all__ = [
     "default_facts",
     "format_value",
     "load_metrics_records",
+    "plot_grouped_bars",
     "plot_image_grid",
     "plot_loss_curves",
     "plot_rasa_r2",

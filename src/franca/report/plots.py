@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ from franca.core.io import atomic_write_bytes
 from franca.core.metrics_log import read_records
 from franca.report.format import finite_number
 
-__all__ = ["load_metrics_records", "plot_image_grid", "plot_loss_curves", "plot_rasa_r2", "plot_sliced_knn"]
+__all__ = [
+    "load_metrics_records",
+    "plot_grouped_bars",
+    "plot_image_grid",
+    "plot_loss_curves",
+    "plot_rasa_r2",
+    "plot_sliced_knn",
+]
 
 LOSS_PARTS = (  # (record key, legend label, colour, line width) of the total-loss panel
     ("loss", "total", "#222222", 2.0),
@@ -240,13 +248,15 @@ def plot_sliced_knn(
     results: Mapping[str, Mapping[str, Mapping[Any, Any]]],
     out_png: str | os.PathLike,
     title: str = "k-NN top-1 vs feature dimensions",
+    spreads: Mapping[str, Mapping[str, Mapping[Any, Any]]] | None = None,
 ) -> Path:
     """Plot k-NN top-1 against the number of feature dimensions (log2 x axis) for several models; return the path.
 
     ``results`` is ``{model_name: {"sliced": {dims: top1}, "pca": {dims: top1}}}``; either series may be missing.
     Keys may be ints or strings (as read back from JSON). A model keeps one colour; "sliced" (first dims of the
     feature, the Matryoshka claim) is drawn solid and "pca" (the PCA-reduced baseline) dashed. Accuracies in [0, 1]
-    are shown as percentages. The figure is 800 x 480 px.
+    are shown as percentages. ``spreads`` (same layout, {dims: standard deviation}) shades mean +/- std around a
+    curve, e.g. over training seeds. The figure is 800 x 480 px.
     """
     figure = _new_figure(8.0, 4.8)
     axes = figure.add_subplot()
@@ -271,9 +281,54 @@ def plot_sliced_knn(
                 linewidth=1.6,
                 label=f"{model} ({series})",
             )
+            spread = ((spreads or {}).get(model) or {}).get(series)
+            if spread:
+                widths = [finite_number(spread.get(x, spread.get(str(int(x))))) or 0.0 for x in xs]
+                low, high = [y - w for y, w in zip(ys, widths)], [y + w for y, w in zip(ys, widths)]
+                axes.fill_between(xs, low, high, color=colour, alpha=0.15, linewidth=0)
+                all_values.extend(high)
             all_dims.update(int(x) for x in xs)
             all_values.extend(ys)
     _finish_sliced_axes(axes, all_dims, all_values, title)
+    return _save_figure(figure, out_png)
+
+
+def plot_grouped_bars(
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    out_png: str | os.PathLike,
+    title: str = "",
+    ylabel: str = "",
+) -> Path:
+    """Grouped bars: one group per key of ``groups`` (e.g. a metric), one bar per series inside it (e.g. a model).
+
+    ``groups`` is ``{group: {series: values}}`` with the values of several seeds: each bar is their mean, its error
+    bar the sample standard deviation (none for one value), and each value is drawn as a dot on the bar. A series
+    keeps one colour across groups. Non-finite values are left out. The figure is 100 px wide per bar (at least 800)
+    and 480 px high.
+    """
+    series_names = list(dict.fromkeys(name for bars in groups.values() for name in bars))
+    width = 0.8 / max(len(series_names), 1)
+    figure = _new_figure(max(8.0, 0.9 * len(groups) * max(len(series_names), 1) + 1.5), 4.8)
+    axes = figure.add_subplot()
+    for index, name in enumerate(series_names):
+        colour = PALETTE[index % len(PALETTE)]
+        for position, bars in enumerate(groups.values()):
+            values = [v for v in (finite_number(x) for x in bars.get(name, ())) if v is not None]
+            if not values:
+                continue
+            x = position - 0.4 + width * (index + 0.5)
+            mean = sum(values) / len(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            axes.bar(x, mean, width * 0.9, color=colour, alpha=0.75, label=name if position == 0 else None)
+            if len(values) > 1:
+                axes.errorbar(x, mean, yerr=std, color="#222222", capsize=3, linewidth=1.0)
+            axes.plot([x] * len(values), values, "o", color="#222222", markersize=2.5)
+    axes.set_xticks(range(len(groups)))
+    axes.set_xticklabels(list(groups), fontsize=9)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=9, frameon=False, ncols=min(len(series_names), 4))
+    _style_axes(axes)
     return _save_figure(figure, out_png)
 
 

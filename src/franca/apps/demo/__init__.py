@@ -16,16 +16,22 @@ The flow (each phase prints one line with the elapsed time; tqdm bars show progr
    with and without it); PCA maps of a few validation images.
 5. **report**: ``report.html`` (self-contained, :mod:`franca.report`) and ``metrics.json`` in ``--output-dir``.
 
-``--ablation`` also trains the Matryoshka heads in ``project`` and ``tied`` modes and the single-head DINOv2 baseline
-(``heads.mode=dinov2``) with the same budget (the main run is the ``slice`` mode) and compares them.
+``--ablation`` also runs the head-mode study (:mod:`franca.apps.demo.ablation`): the Matryoshka heads in ``slice``
+(the main run), ``project`` and ``tied`` modes and the single-head DINOv2 baseline (``heads.mode=dinov2``), each for
+``--seeds`` training seeds, at equal iterations and at equal wall time, compared seed by seed in its own report.
+
+Modules, in the order of the flow: ``settings`` (what to do), ``progress`` (phase lines), ``data`` (the data set and
+the splits in memory), ``training`` (resumable, time-budgeted runs), ``protocols`` (the demo's settings for the
+scoring functions of :mod:`franca.eval`), ``evaluation`` (one backbone: features once, every protocol), ``report``
+(the HTML report), ``ablation`` and ``ablation_report`` (the head-mode study), ``flow`` (:func:`run_demo`).
 
 Output layout::
 
     <output-dir>/data/                 synthetic data set (unless --data points elsewhere)
     <output-dir>/train/                the main run (config.yaml, metrics.jsonl, checkpoints/, teacher_backbone...)
-    <output-dir>/ablation/<mode>/      the ablation runs (project, tied, dinov2)
+    <output-dir>/ablation/             the head-mode study: its runs, step_times.json, ablation.json, report.html
     <output-dir>/figures/*.png         the plots embedded in the report
-    <output-dir>/report.html, metrics.json (and ablation.json with --ablation)
+    <output-dir>/report.html, metrics.json
 """
 
 from franca.apps.demo.data import DemoData, SplitData, load_split, prepare_data

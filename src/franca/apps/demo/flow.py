@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from franca.apps.demo.ablation import run_ablation
+from franca.apps.demo.ablation_report import ablation_text_table
 from franca.apps.demo.data import DemoData, load_split, prepare_data
 from franca.apps.demo.evaluation import evaluate_backbone, summary_rows
 from franca.apps.demo.progress import PhaseLog, format_duration
@@ -146,7 +147,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         pca_rows,
         ["image", "mask", "trained", "trained + RASA", "random init"],
         settings.eval,
-        ablation,
     )
     log.end_phase()
     metrics: dict[str, Any] = {
@@ -189,7 +189,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     }
     if ablation is not None:
         metrics["ablation"] = ablation
-        write_metrics_json(out / "ablation.json", ablation)
     total = log.elapsed()
     metrics["timings"]["total"] = total
     report = write_report(settings, metrics, outcome, figures, rows, total)
@@ -228,17 +227,8 @@ def summary_text(metrics: dict[str, Any]) -> str:
     ]
     ablation = metrics.get("ablation")
     if ablation is not None:
-        ablation_table = [
-            {
-                "heads.mode": mode,
-                "k-NN top-1": entry["knn_top1"],
-                f"k-NN @{ablation['smallest_dims']} dims": entry["sliced_smallest_top1"],
-                "HummingBird mIoU": entry["hummingbird_miou"],
-                "iterations": entry["training"]["iteration"],
-            }
-            for mode, entry in ablation["modes"].items()
-        ]
-        lines += ["", format_table(ablation_table, None, precision=1)]
+        lines += ["", format_table(ablation_text_table(ablation), None, precision=1)]
+        lines += ablation["verdict"] + [f"ablation report: {ablation['report']}"]
     lines += [f"note: {note}" for note in metrics.get("notes", [])]
     metrics_path = Path(metrics["report"]).parent / "metrics.json"
     total = metrics["timings"]["total"]

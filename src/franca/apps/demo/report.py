@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from franca.apps.demo.ablation import _ablation_section
+from franca.apps.demo.ablation_report import ablation_section
 from franca.apps.demo.progress import format_duration
 from franca.apps.demo.protocols import sliced_curve
 from franca.apps.demo.settings import (
@@ -28,7 +28,6 @@ def _figures(
     pca_rows: list[list[Any]],
     pca_columns: list[str],
     evaluation: EvalSettings,
-    ablation: dict[str, Any] | None,
 ) -> dict[str, Path]:
     from franca.report import plot_image_grid, plot_loss_curves, plot_rasa_r2, plot_sliced_knn
 
@@ -64,12 +63,6 @@ def _figures(
             row_titles=[f"val {i + 1}" for i in range(len(pca_rows))],
         ),
     }
-    if ablation:
-        figures["ablation_sliced"] = plot_sliced_knn(
-            {mode: {"sliced": entry["sliced_curve"]} for mode, entry in ablation["modes"].items()},
-            figures_dir / "ablation_sliced_knn.png",
-            title=f"Ablation: k-NN top-1 (k={k}) on the first m dims of the CLS token",
-        )
     return figures
 
 
@@ -240,7 +233,7 @@ def write_report(
     ]
     ablation = metrics.get("ablation")
     if ablation:
-        sections.append(_ablation_section(ablation, figures, evaluation))
+        sections.append(ablation_section(ablation))
     targets = metrics["targets"]
     sections.append(
         ReportSection(

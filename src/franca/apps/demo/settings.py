@@ -20,6 +20,16 @@ MODE_DESCRIPTIONS = {
     "tied": "one shared head, sliced per level",
     "dinov2": "DINOv2 baseline: a single head, no nesting",
 }
+BUDGETS: tuple[str, ...] = ("iterations", "time")
+REFERENCES: tuple[str, ...] = ("slice", "dinov2")  # each other mode is compared with these, seed by seed
+# metric key -> label; every metric is a percentage, higher is better
+ABLATION_METRICS: dict[str, str] = {
+    "knn_top1": "k-NN top-1",
+    "knn_d16_top1": "k-NN top-1, first d/16 dims",
+    "knn_d4_top1": "k-NN top-1, first d/4 dims",
+    "hummingbird_miou": "HummingBird mIoU",
+    "linear_top1": "linear probe top-1",
+}
 # Issue targets on the synthetic val split: trained minus random init, in points.
 TARGET_KNN_POINTS = 15.0
 TARGET_HUMMINGBIRD_POINTS = 10.0
@@ -77,6 +87,8 @@ class DemoSettings:
     batch_size: int | None = None  # default: the preset's (CPU) or CUDA_BATCH_SIZE (CUDA)
     time_budget_min: float = 10.0
     ablation: bool = False
+    seeds: int = 3  # --ablation: training seeds per head mode (--seed, --seed + 1, ...)
+    ablation_budgets: tuple[str, ...] = BUDGETS  # --ablation: equal iterations and/or equal wall time
     device: str = "auto"
     quick: bool = False
     eval_only: bool = False  # evaluate the run directories as they are, without training
