@@ -4,6 +4,7 @@ The public entry points are imported lazily so that ``import franca`` stays chea
 
 - :func:`franca.load_backbone` / :func:`franca.save_backbone`: official Franca and DINOv2 checkpoints and our exports;
 - :func:`franca.load_heads`: the DINO and iBOT Matryoshka heads of an official checkpoint;
+- :func:`franca.export_backbone`: a backbone as ONNX, timm, Hugging Face transformers or safetensors files;
 - :func:`franca.create_model` / :func:`franca.list_models` / :func:`franca.model_info`: the model registry, names such
   as ``franca_vitb14.in21k`` or ``dinov2_vitl14_reg.lvd142m`` with their weights' metadata (franca.models.registry);
 - :func:`franca.build_model` and the presets ``vit_tiny`` ... ``vit_giant2``.
@@ -21,6 +22,7 @@ _LAZY = {
     "save_backbone": "franca.models.checkpoints",
     "read_state_dict": "franca.models.checkpoints",
     "load_heads": "franca.models.heads",
+    "export_backbone": "franca.models.export",
     "create_model": "franca.models.registry",
     "list_models": "franca.models.registry",
     "model_info": "franca.models.registry",

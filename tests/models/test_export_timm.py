@@ -150,3 +150,11 @@ def test_img_size_must_be_a_multiple_of_the_patch(tmp_path) -> None:
         export_backbone(_franca("mlp", 0), tmp_path / "t.safetensors", "timm", img_size=100)
     with pytest.raises(ConfigError, match=".safetensors"):
         export_backbone(_franca("mlp", 0), tmp_path / "t.pth", "timm")
+
+
+def test_the_top_level_franca_api_exports_for_timm(tmp_path) -> None:
+    import franca
+
+    model = _franca("swiglu", 2)
+    export = franca.export_backbone(model, tmp_path / "top.safetensors", "timm")
+    _assert_same(_timm_from(export), model, 56, 56)  # timm's own model gives franca's features
