@@ -29,21 +29,18 @@ import argparse
 from typing import Any
 
 import torch
-from bench_train_step import PRESETS, StepRunner, synthetic_batches
+from bench_train_step import StepRunner, synthetic_batches
 from common import machine_info, median, print_table, timed, write_json
 
 from franca.train.config import TrainConfig, load_config
-from franca.train.head_cost import head_cost
+from franca.train.head_cost import PAPER_MODELS, head_cost
 
 MODES = ("slice", "project", "tied", "dinov2")
 # label -> (config preset, overrides); data.path is required by the presets but never read here
-MODELS: dict[str, tuple[str, list[str]]] = {
-    "ViT-S": PRESETS["vit_small"],
-    "ViT-B": PRESETS["vit_base"],
-    "ViT-L": PRESETS["vit_large"],
-    "ViT-g": ("vitg14_laion", []),
+MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **PAPER_MODELS,
     # the demo's overrides of the preset (franca.apps.demo.training.training_overrides at its default 32 px)
-    "tiny": ("tiny_cpu", ["model.img_size=32", "crops.global_size=32", "crops.local_size=16"]),
+    "tiny": ("tiny_cpu", ("model.img_size=32", "crops.global_size=32", "crops.local_size=16")),
 }
 MIB = 2**20
 

@@ -108,3 +108,35 @@ def test_tables_show_mean_and_spread() -> None:
     assert (
         first["difference"] == "slice - dinov2" and first["mean"] == "+10.0" and first["separated"] == "yes"
     )
+
+
+def test_head_costs_cover_the_runs_config_and_the_paper_sizes(tmp_path: Path) -> None:
+    import torch
+
+    from franca.apps.demo.ablation import head_costs
+    from franca.apps.demo.training import random_init_backbone, training_overrides
+    from franca.train.config import load_config
+
+    settings = DemoSettings(output_dir=tmp_path)
+    costs = head_costs(settings, tmp_path / "data", torch.device("cpu"))
+    assert list(costs) == [
+        "ViT-tiny/8 (these runs)",
+        "ViT-S/14 (paper heads)",
+        "ViT-B/14 (paper heads)",
+        "ViT-L/14 (paper heads)",
+        "ViT-g/14 (paper heads)",
+    ]
+    tiny = costs["ViT-tiny/8 (these runs)"]
+    # the backbone of the runs' config, counted on the real (random-init) backbone the demo evaluates
+    config = load_config("tiny_cpu", training_overrides(settings, tmp_path / "data", tmp_path, "cpu"))
+    backbone = sum(p.numel() for p in random_init_backbone(config).parameters())
+    assert tiny["slice"]["backbone_params_m"] == pytest.approx(backbone / 1e6)
+    for model in costs.values():  # one shared head holds fewer parameters; no nesting costs fewer FLOPs
+        assert model["tied"]["head_params_m"] < model["slice"]["head_params_m"]
+        assert model["dinov2"]["head_gflop"] < model["slice"]["head_gflop"]
+        assert model["tied"]["head_gflop"] == pytest.approx(model["slice"]["head_gflop"])
+    shares = [
+        costs[f"{label}/14 (paper heads)"]["slice"]["head_flop_share"]
+        for label in ("ViT-S", "ViT-B", "ViT-L", "ViT-g")
+    ]
+    assert shares == sorted(shares, reverse=True)  # the same heads weigh less beside a bigger backbone

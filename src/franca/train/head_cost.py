@@ -38,11 +38,11 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 from franca.models.vision_transformer import DinoVisionTransformer
-from franca.train.config import TrainConfig
+from franca.train.config import TrainConfig, load_config
 from franca.train.flops import expected_masked_patches, franca_step_flops, vit_config_from_train
 from franca.train.ssl_model import build_head
 
-__all__ = ["HeadCost", "HeadMeasure", "head_cost", "measure_head"]
+__all__ = ["PAPER_MODELS", "HeadCost", "HeadMeasure", "head_cost", "measure_head", "paper_head_cost"]
 
 FP32_BYTES = 4
 
@@ -263,3 +263,19 @@ def head_cost(config: TrainConfig, batch_size: int | None = None) -> HeadCost:
         backbone_params=_backbone_params(config),
         backbone_flops=(step["teacher_backbone"] + step["student_backbone"]) / batch_size,
     )
+
+
+#: The paper's model sizes as training presets (label -> preset, overrides): its heads (five levels, 131072 prototypes
+#: at the widest, 2048 hidden, 384 bottleneck) and crops (2 x 224 + 8 x 98 px).
+PAPER_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ViT-S": ("vitb14_in21k", ("model.arch=vit_small",)),
+    "ViT-B": ("vitb14_in21k", ()),
+    "ViT-L": ("vitl14_laion", ()),
+    "ViT-g": ("vitg14_laion", ()),
+}
+
+
+def paper_head_cost(label: str, mode: str) -> HeadCost:
+    """:func:`head_cost` of one of :data:`PAPER_MODELS` trained with ``heads.mode=mode``."""
+    preset, overrides = PAPER_MODELS[label]
+    return head_cost(load_config(preset, [*overrides, "data.path=unused", f"heads.mode={mode}"]))

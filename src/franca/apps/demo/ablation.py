@@ -54,9 +54,13 @@ from franca.apps.demo.settings import (
 )
 from franca.apps.demo.training import TrainOutcome, existing_run, train_with_budget, training_overrides
 from franca.eval.metrics import paired_difference, seed_spread
+from franca.models.checkpoints import load_backbone
 from franca.report import write_metrics_json
 from franca.report.format import to_json_safe
 from franca.train.callbacks import Callback
+from franca.train.config import load_config
+from franca.train.head_cost import PAPER_MODELS, HeadCost, head_cost, paper_head_cost
+from franca.train.trainer import Trainer
 
 CALIBRATION_ROUNDS = 4  # the first round warms up and is not counted
 CALIBRATION_STEPS = 15  # training steps per mode and round
@@ -119,8 +123,6 @@ def calibrate_step_times(
     ``steps`` steps in turn, for ``rounds`` rounds, so that a machine that gets busier or quieter slows every mode
     alike; the first round (worker start-up, allocator warm-up) is not counted unless it is the only one.
     """
-    from franca.train.trainer import Trainer
-
     clocks = {mode: _StepClock() for mode in configs}
     trainers = {
         mode: Trainer(config, scratch / mode, progress=False, callbacks=[clocks[mode]])
@@ -150,8 +152,6 @@ def step_times(
     settings: DemoSettings, data_dir: Path, device: torch.device, iterations: int, log: PhaseLog
 ) -> dict[str, Any]:
     """The step-time measurement of ``ablation/step_times.json``, measured now if it is missing or of other runs."""
-    from franca.train.config import load_config
-
     path = Path(settings.output_dir) / "ablation" / "step_times.json"
     scratch = path.parent / "calibration"
     configs = {
@@ -226,8 +226,6 @@ def obtain_planned(
     run: PlannedRun, settings: DemoSettings, data_dir: Path, device: torch.device, log: PhaseLog
 ) -> TrainOutcome:
     """Train ``run`` to its last iteration (resuming its directory), or take it as it is with ``--eval-only``."""
-    from franca.train.config import load_config
-
     if settings.eval_only:
         return existing_run(run.run_dir, log, run.mode)
     run_settings = replace(settings, seed=run.seed, iterations=run.iterations)
@@ -278,8 +276,6 @@ def score_run(
 ) -> tuple[dict[str, float], dict[int, float]]:
     """The metrics and sliced curve of the run's teacher backbone: cached, taken from ``known`` (the demo's own
     results for this backbone) or measured (k-NN, sliced k-NN, HummingBird, linear probe)."""
-    from franca.models.checkpoints import load_backbone
-
     cache, key, k = outcome.run_dir / SCORES_FILE, _cache_key(settings, outcome), settings.eval.knn_k
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -362,6 +358,38 @@ def verdict(comparisons: dict[str, Any]) -> list[str]:
     return sentences
 
 
+# ------------------------------------------------------------------------------------------------------ the cost
+MIB = 2**20
+
+
+def _cost_summary(cost: HeadCost) -> dict[str, float]:
+    """The report's numbers of one :class:`~franca.train.head_cost.HeadCost` (per image of a training step)."""
+    return {
+        "head_params_m": cost.params / 1e6,
+        "backbone_params_m": cost.backbone_params / 1e6,
+        "head_gflop": cost.flops / 1e9,
+        "head_flop_share": cost.flops_share,
+        "activation_mib": (cost.activation_bytes + cost.teacher_logit_bytes) / MIB,
+        "optimizer_mib": cost.optimizer_bytes / MIB,
+    }
+
+
+def head_costs(settings: DemoSettings, data_dir: Path, device: torch.device) -> dict[str, dict[str, Any]]:
+    """{model: {mode: cost}}: what each mode's heads cost (computed, :mod:`franca.train.head_cost`) for the runs'
+    own config and for the paper's model sizes and heads."""
+    costs: dict[str, dict[str, Any]] = {}
+    for mode in ABLATION_MODES:
+        overrides = training_overrides(settings, data_dir, Path(settings.output_dir), device.type, mode)
+        costs.setdefault("ViT-tiny/8 (these runs)", {})[mode] = _cost_summary(
+            head_cost(load_config(PRESET, overrides))
+        )
+        for label in PAPER_MODELS:
+            costs.setdefault(f"{label}/14 (paper heads)", {})[mode] = _cost_summary(
+                paper_head_cost(label, mode)
+            )
+    return costs
+
+
 # ------------------------------------------------------------------------------------------------------ the study
 def run_ablation(
     settings: DemoSettings,
@@ -422,6 +450,7 @@ def run_ablation(
         **summarise(runs, tuple(settings.ablation_budgets)),
     }
     ablation["verdict"] = verdict(ablation["comparisons"])
+    ablation["head_cost"] = head_costs(settings, data.train_dir, device)
     out = Path(settings.output_dir) / "ablation"
     write_metrics_json(out / "ablation.json", ablation)
     ablation["report"] = str(write_ablation_report(out, ablation, settings))

@@ -128,6 +128,41 @@ def _step_time_rows(ablation: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def cost_rows(ablation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (model, mode, head parameters, GFLOP per image, share of the step, activation and optimizer MiB)."""
+    return [
+        {
+            "model": model,
+            "heads.mode": mode,
+            "head params, M": cost["head_params_m"],
+            "backbone params, M": cost["backbone_params_m"],
+            "head GFLOP / image": cost["head_gflop"],
+            "head % of step FLOPs": 100 * cost["head_flop_share"],
+            "activation MiB / image": cost["activation_mib"],
+            "optimizer + EMA + grad MiB": cost["optimizer_mib"],
+        }
+        for model, modes in ablation.get("head_cost", {}).items()
+        for mode, cost in modes.items()
+    ]
+
+
+def _cost_section(ablation: dict[str, Any]) -> Any:
+    from franca.report import ReportSection
+
+    return ReportSection(
+        "What the heads cost",
+        text=(
+            "Computed by franca.train.head_cost on the meta device, per image of one training step: the DINO and "
+            "iBOT heads the trainer builds (student forward + backward, teacher forward), for the runs above and for "
+            "the paper's model sizes with its heads (five levels, 131072 prototypes at the widest, 2048 hidden, 384 "
+            "bottleneck) and crops (2 x 224 + 8 x 98 px). Activation: what the student heads save for the backward "
+            "plus the teacher's logits (fp32); the loss's own tensors are not counted. Optimizer: AdamW's two moments, "
+            "the gradient and the EMA teacher's copy of the head parameters (fp32)."
+        ),
+        table=cost_rows(ablation),
+    )
+
+
 def _run_rows(ablation: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
@@ -196,6 +231,8 @@ def _sections(ablation: dict[str, Any], figures: dict[str, Path]) -> list[Any]:
                 table=rows,
             )
         )
+    if ablation.get("head_cost"):
+        sections.append(_cost_section(ablation))
     sections.append(ReportSection("Every run", table=_run_rows(ablation)))
     return sections
 
