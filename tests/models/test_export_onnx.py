@@ -129,3 +129,58 @@ def test_onnx_exports_are_onnx_files(tmp_path) -> None:
         export_backbone(model, tmp_path / "model.safetensors", "onnx")
     with pytest.raises(ConfigError, match="img_size applies"):
         export_backbone(model, tmp_path / "model.onnx", "onnx", img_size=56)
+
+
+def test_weights_past_the_protobuf_limit_go_to_one_data_file_beside_the_graph(tmp_path, monkeypatch) -> None:
+    """The branch a ViT-g export (4.5 GB) takes, on a tiny model: the limit is lowered below its weights."""
+    import shutil
+
+    from franca.core.errors import CheckpointError
+    from franca.models.formats import onnx_graph
+
+    model = _random(build_model("vit_tiny", depth=2, img_size=56, num_register_tokens=2))
+    model.set_rasa(torch.randn(192, 192, generator=torch.Generator().manual_seed(7)) * 0.1)
+    weight_bytes = 4 * sum(param.numel() for param in model.parameters())
+    inline = export_backbone(model, tmp_path / "inline" / "model.onnx", "onnx").path
+    assert [p.name for p in inline.parent.iterdir()] == ["model.onnx"]  # under the limit: one file
+    monkeypatch.setattr(onnx_graph, "_PROTOBUF_LIMIT", weight_bytes // 4)
+    path = export_backbone(model, tmp_path / "big" / "model.onnx", "onnx").path
+    data = path.with_name("model.onnx.data")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert data.stat().st_size >= 0.9 * weight_bytes and path.stat().st_size < 0.1 * weight_bytes
+    stored = onnx.load(str(path), load_external_data=False).graph.initializer
+    assert {t.name for t in stored if t.data_location == onnx.TensorProto.EXTERNAL} >= {"rasa_matrix_t"}
+    onnx.checker.check_model(str(path), full_check=True)  # the path-based checker reads the .data file
+    for height, width in [(56, 56), (70, 98)]:
+        _assert_same(path, model, 2, height, width)
+
+    size = data.stat().st_size
+    export_backbone(
+        model, path, "onnx"
+    )  # over the earlier export: the data file is replaced, not appended to
+    assert data.stat().st_size == size
+    _assert_same(path, model, 1, 42, 42)
+
+    runner = OnnxBackbone(path, threads=1)  # what `franca embed --runtime onnx` runs
+    torch.testing.assert_close(
+        runner.rasa.weight, model.rasa.weight
+    )  # the RASA matrix read from the .data file
+    images = torch.randn(2, 3, 42, 70)
+    tokens = ["cls", "registers", "patch", "patch_rasa"]
+    with torch.no_grad():
+        expected = forward_tokens(model, images, tokens)
+    got = forward_tokens(runner, images, tokens)
+    for name in tokens:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(path, moved / "model.onnx")  # the graph without its data
+    with pytest.raises(CheckpointError) as error:
+        OnnxBackbone(moved / "model.onnx")
+    message = str(error.value)
+    assert "\n" not in message and str(moved / "model.onnx.data") in message and "missing" in message
+    shutil.copy(data, moved / "model.onnx.data")  # moved together: it runs
+    torch.testing.assert_close(
+        OnnxBackbone(moved / "model.onnx")(images), expected["cls"], atol=1e-5, rtol=1e-5
+    )

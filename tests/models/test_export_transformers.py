@@ -145,3 +145,61 @@ def test_an_ffn_width_transformers_cannot_express_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="mlp_ratio is an integer"):
         export_backbone(model, tmp_path / "hf", "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def _assert_loads_like(folder, hf_model, registers: int) -> None:
+    model = load_backbone(folder)
+    assert model.config.num_heads == 4 and model.config.num_register_tokens == registers
+    for height, width in [(56, 56), (98, 70)]:
+        _assert_same(hf_model, model, height, width)
+
+
+def _assert_missing_shard_is_named(folder, shard) -> None:
+    shard.rename(shard.with_name(shard.name + ".moved"))
+    with pytest.raises(CheckpointError) as error:
+        load_backbone(folder)
+    message = str(error.value)
+    assert "\n" not in message and str(shard) in message and "missing" in message
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_load_backbone_reads_sharded_safetensors_folders(tmp_path, registers: int) -> None:
+    hf_model = _hf_model(registers, swiglu=registers == 0)
+    folder = tmp_path / "saved"
+    hf_model.save_pretrained(str(folder), max_shard_size=300_000)  # ~0.8 MB of weights: several shards
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    assert set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()) == {
+        shard.name for shard in shards
+    }
+    _assert_loads_like(folder, hf_model, registers)
+    _assert_missing_shard_is_named(folder, shards[1])
+
+
+def test_load_backbone_reads_sharded_pytorch_bin_folders(tmp_path) -> None:
+    """The layout transformers 4 wrote with safe_serialization=False (huggingface_hub writes it the same way)."""
+    from huggingface_hub import save_torch_state_dict
+
+    hf_model = _hf_model(4, swiglu=False)
+    folder = tmp_path / "saved"
+    hf_model.config.save_pretrained(str(folder))
+    save_torch_state_dict(hf_model.state_dict(), folder, max_shard_size=300_000, safe_serialization=False)
+    shards = sorted(folder.glob("pytorch_model-*-of-*.bin"))
+    assert len(shards) > 1 and (folder / "pytorch_model.bin.index.json").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", "pytorch_model.bin.index.json"] + [shard.name for shard in shards]
+    )
+    _assert_loads_like(folder, hf_model, 4)
+    _assert_missing_shard_is_named(folder, shards[0])
+
+
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path) -> None:
+    hf_model = _hf_model(0, swiglu=False)
+    folder = tmp_path / "saved"
+    hf_model.save_pretrained(str(folder), max_shard_size=300_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../outside.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file in its folder"):
+        load_backbone(folder)

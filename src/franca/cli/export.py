@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         model, args.out, args.format, img_size=args.img_size, opset=args.opset or ONNX_OPSET
     )
     print(f"wrote {result.path} ({args.format})")
+    data = result.path.with_name(result.path.name + ".data")
+    if args.format == "onnx" and data.is_file():
+        print(f"and its weights in {data} (past protobuf's 2 GB limit): keep the two files together")
     print(f"load it with: {_usage(result, str(result.path))}")
     if result.exact_size is not None:
         height, width = result.exact_size

@@ -51,7 +51,7 @@ from franca.models.formats.transformers_dinov2 import (
     CONFIG_FILE,
     CONFIG_METADATA,
     is_transformers_folder,
-    weights_file,
+    weights_files,
 )
 from franca.models.layers import FFN_LAYERS
 from franca.models.state import check_tensors
@@ -94,8 +94,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     if path.is_dir():
         if is_sharded_checkpoint(path):
             return _unwrap(read_sharded_checkpoint(path, keys=("teacher",)), path), {}
-        if is_transformers_folder(path):  # its weights, and its config.json as metadata
-            state, metadata = read_checkpoint(weights_file(path))
+        if is_transformers_folder(path):  # its weights (every shard), and its config.json as metadata
+            state, metadata = {}, {}
+            for file in weights_files(path):
+                part, part_metadata = read_checkpoint(file)
+                state.update(part)
+                metadata.update(part_metadata)
             return state, {**metadata, CONFIG_METADATA: (path / CONFIG_FILE).read_text(encoding="utf-8")}
         raise CheckpointError(
             f"{path}: is a directory; give the checkpoint file inside it (or a transformers model folder with "

@@ -96,7 +96,9 @@ def export_onnx(model: DinoVisionTransformer, path: str | os.PathLike, opset: in
     """Write the backbone (fp32, eval mode, RASA output when a head is attached) as an ONNX graph at ``path``.
 
     The graph is traced at the model's own grid with a batch of 2, then checked with ``onnx.checker``; weights over
-    2 GB go to ``<path>.data`` beside it. Needs the ``onnx`` extra (onnx; onnxruntime to run it).
+    protobuf's 2 GB limit go to ``<path>.data`` beside it (keep the two together). Both files are written under
+    temporary names and renamed into place once complete, so an export over an earlier one never appends to or mixes
+    with its data. Needs the ``onnx`` extra (onnx; onnxruntime to run it).
     """
     import onnx
 
@@ -105,35 +107,51 @@ def export_onnx(model: DinoVisionTransformer, path: str | os.PathLike, opset: in
         raise ConfigError(f"{path}: ONNX exports are .onnx files; use a .onnx name")
     model = getattr(model, "module", model)
     graph = _Graph(_float_copy(model)).eval()
-    side = model.grid_size * model.patch_size
-    example = torch.zeros(2, model.config.in_chans, side, side)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        traced = Path(tmp) / "model.onnx"
-        with torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(
-                graph,
-                (example,),
-                str(traced),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=graph.output_names,
-                dynamic_axes=_dynamic_axes(graph.output_names),
-                do_constant_folding=True,
-            )
-        proto = onnx.load(str(traced))
-    _describe(proto, model, opset)
-    external = sum(p.numel() * 4 for p in graph.parameters()) > _PROTOBUF_LIMIT
-    with atomic_target(path) as target:
+        proto = _trace(graph, opset, Path(tmp) / "traced")
+        _describe(proto, model, opset)
+        external = sum(p.numel() * 4 for p in graph.parameters()) > _PROTOBUF_LIMIT
+        data_name = f"{path.name}.data"
+        written = Path(tmp) / "out" / path.name
+        written.parent.mkdir()
         onnx.save_model(
-            proto,
-            str(target),
-            save_as_external_data=external,
-            location=f"{path.name}.data" if external else None,
+            proto, str(written), save_as_external_data=external, location=data_name if external else None
         )
-        onnx.checker.check_model(str(target), full_check=True)
+        del proto
+        onnx.checker.check_model(str(written), full_check=True)  # by path: reads the external data beside it
+        files = [(written, path)] + (
+            [(written.parent / data_name, path.parent / data_name)] if external else []
+        )
+        with contextlib.ExitStack() as stack:  # both renamed into place once both are staged
+            for source, target in files:
+                os.replace(source, stack.enter_context(atomic_target(target, source.stat().st_size)))
     return path
+
+
+def _trace(graph: _Graph, opset: int, folder: Path) -> Any:
+    """The ModelProto of ``graph`` traced at the model's own grid with a batch of 2 (in ``folder``, which torch may
+    fill with external weight files that ``onnx.load`` reads back)."""
+    import onnx
+
+    model = graph.model
+    side = model.grid_size * model.patch_size
+    example = torch.zeros(2, model.config.in_chans, side, side)
+    folder.mkdir()
+    traced = folder / "model.onnx"
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(traced),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=graph.output_names,
+            dynamic_axes=_dynamic_axes(graph.output_names),
+            do_constant_folding=True,
+        )
+    return onnx.load(str(traced))
 
 
 def _float_copy(model: DinoVisionTransformer) -> DinoVisionTransformer:
@@ -196,9 +214,14 @@ class OnnxBackbone(nn.Module):
                 str(path), options, providers=providers or ["CPUExecutionProvider"]
             )
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise CheckpointError(
-                f"{path}: onnxruntime cannot read it ({str(error).strip()[:200]})"
-            ) from None
+            missing = _missing_external_data(path)
+            if missing is not None:
+                raise CheckpointError(
+                    f"{path}: its weights are kept in {missing}, which is missing; move or copy the .onnx file "
+                    f"together with the {missing.name} file written beside it"
+                ) from None
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"{path}: onnxruntime cannot read it ({reason})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_KEY not in metadata:
             raise CheckpointError(
@@ -255,3 +278,21 @@ def _rasa_from(path: Path) -> nn.Linear:
     with torch.no_grad():
         layer.weight.copy_(matrix)
     return layer.requires_grad_(False)
+
+
+def _missing_external_data(path: Path) -> Path | None:
+    """The first file that the graph at ``path`` keeps initializer data in and that is not beside it, or None (also
+    when the graph itself cannot be parsed)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's own reason is reported instead
+        return None
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = path.parent / ExternalDataInfo(tensor).location
+            if not location.is_file():
+                return location
+    return None

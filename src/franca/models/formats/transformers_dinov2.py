@@ -1,6 +1,8 @@
 """Hugging Face transformers' ``Dinov2Model`` / ``Dinov2WithRegistersModel`` layout, both ways.
 
-A model folder holds ``config.json`` and ``model.safetensors``. Exports use the names of the DINOv2 checkpoints on
+A model folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), or, when saved with a
+``max_shard_size``, an index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) and the shards it
+names; :func:`weights_files` lists them. Exports use the names of the DINOv2 checkpoints on
 the Hugging Face Hub (``attention.attention.query``, ``mlp.weights_in`` ...), which transformers 4 loads as they are
 and transformers 5 renames when it loads them; both sets of names are read. transformers always has LayerScale
 (``lambda1``) and biases on the attention output and FFN: a backbone without them exports ones and zeros.
@@ -25,7 +27,14 @@ from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 
 StateDict = dict[str, Tensor]
 CONFIG_FILE = "config.json"
-WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+#: What save_pretrained writes, in the order transformers prefers them: single files before sharded ones.
+WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+INDEX_SUFFIX = ".index.json"
 #: The metadata entry under which :func:`franca.models.checkpoints.read_checkpoint` passes a folder's config.json.
 CONFIG_METADATA = "transformers_config"
 #: franca's ``interpolate_offset`` and ``interpolate_antialias`` of each transformers model class.
@@ -242,5 +251,38 @@ def is_transformers_folder(path: str | Path) -> bool:
 
 
 def weights_file(folder: Path) -> Path | None:
-    """The weights file of a transformers model folder, or None."""
+    """The weights file (or shard index) of a transformers model folder, or None."""
     return next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The files holding a transformers model folder's tensors: its weights file, or the shards its index names.
+
+    The index is transformers' ``{"weight_map": {tensor name: shard file name}}``. CheckpointError (one line naming
+    the file) for an unreadable index, a shard named outside the folder, or a shard that is missing.
+    """
+    found = weights_file(folder)
+    if found is None:
+        raise CheckpointError(f"{folder}: no {' or '.join(WEIGHTS_FILES)} in the folder")
+    if not found.name.endswith(INDEX_SUFFIX):
+        return [found]
+    try:
+        weight_map = json.loads(found.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{found}: not a readable shard index ({type(error).__name__}: {error}); save the model again"
+        ) from None
+    shards = []
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{found}: names the shard {name!r}, which is not a file in its folder")
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointError(
+                f"{shard}: a shard that {found.name} names is missing; copy every file of the model folder"
+            )
+        shards.append(shard)
+    if not shards:
+        raise CheckpointError(f"{found}: the index names no shard files; save the model again")
+    return shards
