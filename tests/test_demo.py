@@ -11,7 +11,9 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import math
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -73,10 +75,21 @@ def _settings(output: Path, **changes) -> DemoSettings:
 
 
 def _run(settings: DemoSettings) -> tuple[dict, str]:
+    """Run the demo; returns its metrics and what a terminal shows: the phase lines (log records of the
+    ``franca.demo`` logger, which the CLI writes to stdout) and the closing summary the CLI prints."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        metrics = run_demo(settings)
-        print(summary_text(metrics))  # what the CLI prints at the end
+    handler = logging.StreamHandler(buffer)
+    logger = logging.getLogger("franca.demo")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            metrics = run_demo(settings)
+            print(summary_text(metrics))  # what the CLI prints at the end
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return metrics, buffer.getvalue()
 
 
@@ -454,6 +467,24 @@ def test_cli_options(tmp_path: Path) -> None:
     with contextlib.redirect_stderr(buffer):
         status = main(["demo", "--output-dir", str(tmp_path), "--iterations", "0"])
     assert status == 2 and "--iterations must be >= 1" in buffer.getvalue()
+
+
+def test_cli_shows_the_phase_lines_on_stdout(capsys) -> None:
+    """``franca demo`` writes the library's ``franca.demo`` records as bare ``[demo 1.2s] ...`` stdout lines (not as
+    ``franca: ...`` on stderr, where the other ``franca`` records go), and only while the demo runs."""
+    from franca.apps.demo.progress import PhaseLog
+    from franca.cli import configure_logging
+    from franca.cli.demo import _phase_lines_on_stdout
+
+    configure_logging()  # what `franca` does first
+    with _phase_lines_on_stdout():
+        PhaseLog()("phase 1/5: synthetic data set")
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"\[demo \d+\.\ds\] phase 1/5: synthetic data set\n", out), out
+    assert err == ""
+    logging.getLogger("franca.demo").info("later")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "franca: later\n"
 
 
 def test_training_overrides_scale_with_the_run_and_move_augmentation_to_the_gpu(tmp_path: Path) -> None:

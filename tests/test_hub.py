@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from franca.core.errors import CheckpointError, ConfigError
-from franca.models.hub import franca_vitb14, franca_vitl14, registry_name, release_file_name
 from franca.models import build_model
 from franca.models.checkpoints import save_backbone
+from franca.models.hub import franca_vitb14, franca_vitl14, registry_name, release_file_name
 from franca.models.registry import model_info
 
 ROOT = Path(__file__).parents[1]

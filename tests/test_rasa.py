@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -254,6 +255,24 @@ def test_train_rasa_removes_a_planted_position_code() -> None:
     curve = result.curve()
     assert [point["iteration"] for point in curve] == [0, 1, 2, 3]
     assert curve[0]["linear_r2"] == result.baseline["linear_r2"]
+
+
+def test_train_rasa_logs_its_steps_at_debug_level(caplog) -> None:
+    """One DEBUG line before the removals and one per step, none at INFO: ``franca rasa`` shows INFO records and
+    prints the whole table at the end, so the numbers are not shown twice."""
+    with caplog.at_level(logging.DEBUG, logger="franca.rasa"):
+        result = train_rasa(
+            None,
+            planted_features(images=16),
+            iterations=2,
+            epochs_per_iteration=1,
+            batch_size=8,
+            progress=False,
+        )
+    records = [record for record in caplog.records if record.name == "franca.rasa"]
+    assert [record.levelno for record in records] == [logging.DEBUG] * 3
+    assert f"{result.baseline['linear_r2']:.4f}" in records[0].getMessage()
+    assert f"position R^2 left {result.metrics[1]['linear_r2']:.4f}" in records[2].getMessage()
 
 
 def test_train_rasa_streamed_features_with_held_out_metrics() -> None:

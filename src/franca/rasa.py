@@ -673,14 +673,13 @@ def _iteration(
         **evaluator.linear(),
         "seconds": time.perf_counter() - started,
     }
-    if progress:
-        logger.info(
-            "%s: loss %.5f, predictor R^2 %.4f, position R^2 left %.4f",
-            desc,
-            loss,
-            entry["predictor_r2"],
-            entry["linear_r2"],
-        )
+    logger.debug(
+        "%s: loss %.5f, predictor R^2 %.4f, position R^2 left %.4f",
+        desc,
+        loss,
+        entry["predictor_r2"],
+        entry["linear_r2"],
+    )
     return step_weight.cpu(), basis, entry
 
 
@@ -743,8 +742,8 @@ def train_rasa(
     ``predictor_mse`` of the new predictor on the features it was trained on (removals 0..t-1 applied) and
     ``linear_r2``/``linear_mse`` of a fresh closed-form least-squares fit with bias (2-fold cross-validated over
     images) from the features after removals 0..t to the positions, i.e. how much linearly decodable absolute
-    position is left. MSEs are per coordinate, as the training loss. With ``progress``, progress bars show and each
-    iteration logs one line.
+    position is left. MSEs are per coordinate, as the training loss. With ``progress``, progress bars show; each
+    iteration logs one DEBUG line (logger ``franca.rasa``; ``franca rasa`` prints the whole table at the end).
     """
     recipe = _Recipe(
         iterations,
@@ -760,9 +759,27 @@ def train_rasa(
     device = _device(device, model)
     train, metric_source = _sources(model, data, eval_data, grid, recipe, device, progress)
     baseline = _evaluate(metric_source, recipe.batch_size, device).linear()
+    logger.debug("RASA: before removal, closed-form position R^2 %.4f", baseline["linear_r2"])
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-    if progress:
-        logger.info("RASA: before removal, closed-form position R^2 %.4f", baseline["linear_r2"])
+    weights, metrics = _removal_steps(train, metric_source, recipe, device, generator, progress)
+    return RasaResult(
+        weights=weights,
+        matrix=fold_rasa(weights),
+        metrics=metrics,
+        baseline=baseline,
+        settings=_settings(recipe, train, metric_source),
+    )
+
+
+def _removal_steps(
+    train: _FeatureSource,
+    metric_source: _FeatureSource,
+    recipe: _Recipe,
+    device: torch.device,
+    generator: torch.Generator,
+    progress: bool,
+) -> tuple[list[Tensor], list[dict[str, float]]]:
+    """The recipe's removal steps in order (:func:`_iteration` each): their weights [2, D] and metrics."""
     weights: list[Tensor] = []
     metrics: list[dict[str, float]] = []
     removed: Tensor | None = None  # float64 [k, D]: bases of the removal steps so far
@@ -773,13 +790,7 @@ def train_rasa(
         removed = basis if removed is None else torch.cat([removed, basis])
         weights.append(weight)
         metrics.append(entry)
-    return RasaResult(
-        weights=weights,
-        matrix=fold_rasa(weights),
-        metrics=metrics,
-        baseline=baseline,
-        settings=_settings(recipe, train, metric_source),
-    )
+    return weights, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -59,28 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each record (test capture swaps it)."""
+class LineHandler(logging.Handler):
+    """Writes each record as one line to ``sys.stderr`` or ``sys.stdout`` as they are at the time of the record (test
+    capture swaps them), through tqdm (:meth:`franca.core.progress.ProgressBar.write`), so running progress bars stay
+    whole. The CLI shows the library's log with it (``franca: message`` on stderr); a command can show one logger's
+    records as its own output lines (``stream="stdout"``, ``fmt="%(message)s"``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: str = "stderr", fmt: str = "franca: %(message)s") -> None:
         super().__init__()
-        self.setFormatter(logging.Formatter("franca: %(message)s"))
+        self.stream_name = stream
+        self.setFormatter(logging.Formatter(fmt))
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
+    def emit(self, record: logging.LogRecord) -> None:
+        from franca.core.progress import ProgressBar  # tqdm: not imported by `franca --help`
 
-    @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
-        pass
+        try:
+            stream = getattr(sys, self.stream_name)
+            ProgressBar.write(self.format(record), file=stream)
+            stream.flush()
+        except Exception:  # logging's contract: report through handleError, never raise
+            self.handleError(record)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Show the library's ``franca`` log records of ``level`` and above on stderr (once per process)."""
     log = logging.getLogger("franca")
     log.setLevel(level)
-    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
-        log.addHandler(_StderrHandler())
+    if not any(isinstance(handler, LineHandler) for handler in log.handlers):
+        log.addHandler(LineHandler())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

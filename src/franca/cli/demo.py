@@ -1,13 +1,20 @@
 """``franca demo``: synthetic data, a tiny Franca pre-training, evaluation against random init, an HTML report.
 
 The work is done by :func:`franca.apps.demo.run_demo`; this module only maps the options onto
-:class:`franca.apps.demo.DemoSettings`. Heavy imports happen inside :func:`run` so that ``franca --help`` stays fast.
+:class:`franca.apps.demo.DemoSettings`, shows the demo's phase lines (log records of the ``franca.demo`` logger) on
+stdout as they come, and prints the closing summary. Heavy imports happen inside :func:`run` so that
+``franca --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+
+from franca.cli import LineHandler
 
 DEFAULT_OUTPUT = "runs/demo"
 DEFAULT_QUICK_OUTPUT = "runs/demo_quick"
@@ -109,6 +116,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def _phase_lines_on_stdout() -> Iterator[None]:
+    """While the demo runs, its ``[demo 1m23s] ...`` lines go to stdout as they are (not as ``franca: ...``
+    records on stderr); the logger is restored afterwards."""
+    from franca.apps.demo.progress import LOGGER_NAME
+
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = LineHandler(stream="stdout", fmt="%(message)s")
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the settings from ``args`` and run the demo; returns 0."""
     from franca.apps.demo import DemoSettings, apply_quick, run_demo, summary_text
@@ -147,5 +174,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    print(summary_text(run_demo(apply_quick(settings, explicit))))
+    with _phase_lines_on_stdout():
+        metrics = run_demo(apply_quick(settings, explicit))
+    print(summary_text(metrics))
     return 0

@@ -1,6 +1,7 @@
 """``franca demo``: synthetic data, a tiny Franca pre-training, evaluation against its random init, a report.
 
-The flow (each phase prints one line with the elapsed time; tqdm bars show progress inside):
+The flow (each phase logs one line with the elapsed time on the ``franca.demo`` logger; tqdm bars show progress
+inside; :mod:`franca.cli.demo` shows the lines on stdout):
 
 1. **data**: the procedural synthetic shapes data set (:mod:`franca.data.synth`) in ``--data`` (default
    ``<output-dir>/data``); a complete data set already there with the requested sizes is reused.
@@ -22,8 +23,9 @@ The flow (each phase prints one line with the elapsed time; tqdm bars show progr
 
 Modules, in the order of the flow: ``settings`` (what to do), ``progress`` (phase lines), ``data`` (the data set and
 the splits in memory), ``training`` (resumable, time-budgeted runs), ``protocols`` (the demo's settings for the
-scoring functions of :mod:`franca.eval`), ``evaluation`` (one backbone: features once, every protocol), ``report``
-(the HTML report), ``ablation`` and ``ablation_report`` (the head-mode study), ``flow`` (:func:`run_demo`).
+scoring functions of :mod:`franca.eval`), ``evaluation`` (one backbone: features once, every protocol; the
+dataclasses the phases pass on), ``report`` (the HTML report, one function per section), ``ablation`` and
+``ablation_report`` (the head-mode study), ``flow`` (:func:`run_demo`, one short function per phase).
 
 Output layout::
 
@@ -35,7 +37,13 @@ Output layout::
 """
 
 from franca.apps.demo.data import DemoData, SplitData, load_split, prepare_data
-from franca.apps.demo.evaluation import evaluate_backbone
+from franca.apps.demo.evaluation import (
+    BackboneEvaluation,
+    DemoResults,
+    RasaEvaluation,
+    evaluate_backbone,
+    score_backbone,
+)
 from franca.apps.demo.flow import run_demo, summary_text
 from franca.apps.demo.protocols import run_hummingbird
 from franca.apps.demo.settings import QUICK, DemoSettings, EvalSettings, apply_quick
@@ -43,9 +51,12 @@ from franca.apps.demo.training import dino_plateau, random_init_backbone, traini
 
 __all__ = [
     "QUICK",
+    "BackboneEvaluation",
     "DemoData",
+    "DemoResults",
     "DemoSettings",
     "EvalSettings",
+    "RasaEvaluation",
     "SplitData",
     "apply_quick",
     "dino_plateau",
@@ -55,6 +66,7 @@ __all__ = [
     "random_init_backbone",
     "run_demo",
     "run_hummingbird",
+    "score_backbone",
     "summary_text",
     "training_overrides",
 ]

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from franca.apps.demo.progress import PhaseLog
-from franca.apps.demo.settings import DemoSettings
+from franca.apps.demo.settings import NUM_SHAPE_CLASSES, DemoSettings
 from franca.core.errors import ConfigError, DataError, check_choice
-from franca.eval.hummingbird import LabelBank
+from franca.eval.hummingbird import LabelBank, label_bank
 from franca.eval.segmentation_data import seeded_subset
 
 
@@ -23,34 +23,12 @@ def prepare_data(settings: DemoSettings, log: PhaseLog) -> Any:
 
     A complete data set of other sizes is never overwritten: that raises ConfigError naming the mismatch.
     """
-    from franca.data.synth import STYLES, generate_synthetic_dataset, read_synth_info
+    from franca.data.synth import STYLES, generate_synthetic_dataset
 
     check_choice("--style", settings.style, STYLES)
-    style = STYLES[settings.style]
     root = settings.data_path
-    existing = None
-    if (root / "classes.json").is_file():
-        try:
-            existing = read_synth_info(root)
-        except DataError:
-            existing = None  # an interrupted or foreign data set: generation replaces or refuses it
-    wanted = (settings.num_images, settings.val_images, settings.size, settings.data_seed)
+    existing = _reusable_data(settings)
     if existing is not None:
-        found = (existing.num_train, existing.num_val, existing.size, existing.seed)
-        if found == wanted and existing.style != style:
-            found_style = next(
-                (name for name, preset in STYLES.items() if preset == existing.style), "custom"
-            )
-            raise ConfigError(
-                f"{root} holds a synthetic data set of style {found_style!r}, not the requested "
-                f"{settings.style!r}; pass --style {found_style}, another --data or --output-dir, or delete it"
-            )
-        if found != wanted:
-            raise ConfigError(
-                f"{root} holds a synthetic data set of {found[0]} train / {found[1]} val images at {found[2]} px "
-                f"(seed {found[3]}), not the requested {wanted[0]} / {wanted[1]} at {wanted[2]} px (seed {wanted[3]}); "
-                "pass matching --num-images/--val-images/--size, another --data or --output-dir, or delete it"
-            )
         log(
             f"data: reusing {root} ({existing.num_train} train / {existing.num_val} val images, {existing.size} px)"
         )
@@ -68,8 +46,38 @@ def prepare_data(settings: DemoSettings, log: PhaseLog) -> Any:
         seed=settings.data_seed,
         workers=workers,
         progress=settings.progress,
-        style=style,
+        style=STYLES[settings.style],
     )
+
+
+def _reusable_data(settings: DemoSettings) -> Any:
+    """The SynthInfo of the complete data set in ``settings.data_path`` when it is the requested one; None when
+    there is none (or an interrupted or foreign one, which generation replaces or refuses); ConfigError when it
+    has other sizes, seed or style."""
+    from franca.data.synth import STYLES, read_synth_info
+
+    root = settings.data_path
+    if not (root / "classes.json").is_file():
+        return None
+    try:
+        existing = read_synth_info(root)
+    except DataError:
+        return None
+    wanted = (settings.num_images, settings.val_images, settings.size, settings.data_seed)
+    found = (existing.num_train, existing.num_val, existing.size, existing.seed)
+    if found == wanted and existing.style != STYLES[settings.style]:
+        found_style = next((name for name, preset in STYLES.items() if preset == existing.style), "custom")
+        raise ConfigError(
+            f"{root} holds a synthetic data set of style {found_style!r}, not the requested "
+            f"{settings.style!r}; pass --style {found_style}, another --data or --output-dir, or delete it"
+        )
+    if found != wanted:
+        raise ConfigError(
+            f"{root} holds a synthetic data set of {found[0]} train / {found[1]} val images at {found[2]} px "
+            f"(seed {found[3]}), not the requested {wanted[0]} / {wanted[1]} at {wanted[2]} px (seed {wanted[3]}); "
+            "pass matching --num-images/--val-images/--size, another --data or --output-dir, or delete it"
+        )
+    return existing
 
 
 @dataclass
@@ -183,3 +191,49 @@ class DemoData:
     num_classes: int  # segmentation classes: background + shapes
     patch_size: int
     train_dir: Path  # the training images (data.path of the runs)
+
+
+@dataclass
+class DataSummary:
+    """The facts of the data set a demo evaluated on (``metrics.json["data"]``)."""
+
+    root: str
+    num_train: int  # images in the train split
+    num_val: int  # val images read
+    eval_train_images: int  # train images read (the k-NN / probe / HummingBird memory)
+    size: int  # image side of the data set
+    style: str
+    eval_size: int  # image side the backbones see (a multiple of the patch size)
+    skipped_train: int  # unreadable pairs
+    skipped_val: int
+
+    @classmethod
+    def of(cls, info: Any, data: DemoData, style: str, eval_size: int) -> DataSummary:
+        """From the data set's SynthInfo and the splits read into memory."""
+        return cls(
+            root=str(info.root),
+            num_train=info.num_train,
+            num_val=len(data.val.labels),
+            eval_train_images=len(data.train.labels),
+            size=info.size,
+            style=style,
+            eval_size=eval_size,
+            skipped_train=data.train.num_skipped,
+            skipped_val=data.val.num_skipped,
+        )
+
+
+def load_demo_data(settings: DemoSettings, info: Any, eval_size: int, patch_size: int) -> DemoData:
+    """Both splits of the data set ``info`` (a SynthInfo) in memory at ``eval_size`` px, and the HummingBird memory
+    bank: a seeded subset of the labelled ``patch_size`` patches of the train images, shared by every model."""
+    small = settings.num_images + settings.val_images < 2000
+    workers = 0 if small else min(2, settings.workers or os.cpu_count() or 1)
+    train = load_split(
+        info.root, "train", eval_size, workers, settings.progress, settings.eval.train_images, settings.seed
+    )
+    val = load_split(info.root, "val", eval_size, workers, settings.progress)
+    classes = NUM_SHAPE_CLASSES + 1  # background + shapes
+    bank = label_bank(
+        train.masks, patch_size, classes, settings.eval.hummingbird_memory_patches, settings.seed
+    )
+    return DemoData(train, val, bank, classes, patch_size, info.train_dir)

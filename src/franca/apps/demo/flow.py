@@ -1,207 +1,172 @@
-"""The demo's flow: data, training, evaluation, report, in order."""
+"""The demo's flow: data, training, evaluation, report, in order, as one short function per phase.
+
+The phases pass small dataclasses to each other (:class:`~franca.apps.demo.evaluation.BackboneEvaluation`,
+:class:`~franca.apps.demo.evaluation.RasaEvaluation`, :class:`~franca.apps.demo.evaluation.PcaPanels`, gathered in
+:class:`~franca.apps.demo.evaluation.DemoResults`); ``metrics.json`` is their ``to_dict()``.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from franca.apps.demo.ablation import run_ablation
 from franca.apps.demo.ablation_report import ablation_text_table
-from franca.apps.demo.data import DemoData, load_split, prepare_data
-from franca.apps.demo.evaluation import evaluate_backbone, summary_rows
-from franca.apps.demo.progress import PhaseLog, format_duration
-from franca.apps.demo.protocols import colour_mask, pca_map_images, run_hummingbird, run_rasa
-from franca.apps.demo.report import _figures, plateau_note, unfinished_text, write_report
-from franca.apps.demo.settings import (
-    NUM_SHAPE_CLASSES,
-    PRESET,
-    TARGET_HUMMINGBIRD_POINTS,
-    TARGET_KNN_POINTS,
-    DemoSettings,
-    resolve_device,
+from franca.apps.demo.data import DataSummary, DemoData, load_demo_data, prepare_data
+from franca.apps.demo.evaluation import (
+    BackboneEvaluation,
+    DemoResults,
+    PcaPanels,
+    RasaEvaluation,
+    evaluate_rasa,
+    score_backbone,
 )
-from franca.apps.demo.training import _round_to, obtain_run, random_init_backbone, training_overrides
-from franca.eval.hummingbird import label_bank
+from franca.apps.demo.progress import PhaseLog, format_duration
+from franca.apps.demo.report import make_figures, plateau_note, unfinished_text, write_report
+from franca.apps.demo.settings import PRESET, DemoSettings, resolve_device
+from franca.apps.demo.training import (
+    TrainOutcome,
+    _round_to,
+    obtain_run,
+    random_init_backbone,
+    training_overrides,
+)
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo (data, training, evaluation, report); returns the metrics written to metrics.json."""
-    from franca.models.checkpoints import load_backbone
-    from franca.report import write_metrics_json
-    from franca.train.config import config_to_dict, load_config
+    log = PhaseLog()
+    settings, device = _start(settings, log)
+    info = _data_phase(settings, log)
+    outcome = _train_phase(settings, info, device, log)
+    loaded = _load_phase(settings, info, outcome, log)
+    trained, rasa, pca = _evaluate_trained(settings, loaded, device, log)
+    random, pca = _evaluate_random(settings, loaded, pca, device, log)
+    ablation = None
+    if settings.ablation:
+        ablation = run_ablation(
+            settings, outcome, trained.to_dict(), random.to_dict(), loaded.data, device, log
+        )
+    results = DemoResults(settings, device, loaded.summary, outcome, trained, random, rasa, ablation)
+    return _report_phase(results, pca, loaded.data, log)
 
-    log = PhaseLog(enabled=True)
+
+def _start(settings: DemoSettings, log: PhaseLog) -> tuple[DemoSettings, torch.device]:
+    """The output folder and the device (on CUDA: no subsets, the GPU searches the whole memory bank in seconds)."""
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    if device.type == "cuda":  # the GPU searches the whole memory bank in seconds
+    if device.type == "cuda":
         settings = replace(
             settings, eval=replace(settings.eval, hummingbird_memory_patches=None, train_images=None)
         )
     log(f"franca demo: output in {out}, device {device}" + (" (quick mode)" if settings.quick else ""))
+    return settings, device
 
-    # 1. data
+
+def _data_phase(settings: DemoSettings, log: PhaseLog) -> Any:
+    """Phase 1: the synthetic data set, reused or generated; its SynthInfo."""
     log.phase("data", "phase 1/5: synthetic data set")
-    info = prepare_data(settings, log)
+    return prepare_data(settings, log)
 
-    # 2. training
-    run_dir = out / "train"
+
+def _train_phase(settings: DemoSettings, info: Any, device: torch.device, log: PhaseLog) -> TrainOutcome:
+    """Phase 2: train (or resume) the main run in ``<output-dir>/train``, or take it as it is with --eval-only."""
+    from franca.train.config import load_config
+
+    run_dir = Path(settings.output_dir) / "train"
     config = load_config(PRESET, training_overrides(settings, info.train_dir, run_dir, device.type))
     log.phase(
         "train",
         f"phase 2/5: pre-training ({config.train.iterations} iterations of batch "
         f"{config.train.batch_size_per_device}, time budget {format_duration(settings.time_budget_min * 60)})",
     )
-    outcome = obtain_run(settings, config, run_dir, log)
-    config = outcome.config  # with --eval-only: the run's own settings (for its random init)
-    plateau_text = plateau_note(outcome.summary())  # printed again with the summary at the end
+    outcome = obtain_run(settings, config, run_dir, log)  # its config: with --eval-only, the run's own
+    plateau_text = plateau_note(outcome.summary())  # said again with the summary at the end
     if plateau_text:
         log(f"train: {plateau_text}")
+    return outcome
 
-    # 3. data in memory, models
+
+@dataclass
+class _Loaded:
+    """Phase 3's output: both splits in memory, their facts, and the two backbones to evaluate."""
+
+    data: DemoData
+    summary: DataSummary
+    trained_model: nn.Module
+    random_model: nn.Module
+
+
+def _load_phase(settings: DemoSettings, info: Any, outcome: TrainOutcome, log: PhaseLog) -> _Loaded:
+    """Phase 3: both splits into memory at a multiple of the patch size; the trained and random-init backbones."""
+    from franca.models.checkpoints import load_backbone
+
     log.phase("load", "phase 3/5: loading the train and val images and masks into memory")
-    workers = (
-        0
-        if settings.num_images + settings.val_images < 2000
-        else min(2, settings.workers or os.cpu_count() or 1)
-    )
-    eval_size = _round_to(info.size, config.model.patch_size, config.model.patch_size)
-    train_split = load_split(
-        info.root, "train", eval_size, workers, settings.progress, settings.eval.train_images, settings.seed
-    )
-    val_split = load_split(info.root, "val", eval_size, workers, settings.progress)
-    seg_classes = NUM_SHAPE_CLASSES + 1
-    bank = label_bank(
-        train_split.masks,
-        config.model.patch_size,
-        seg_classes,
-        settings.eval.hummingbird_memory_patches,
-        settings.seed,
-    )
-    data = DemoData(train_split, val_split, bank, seg_classes, config.model.patch_size, info.train_dir)
-    trained_model = load_backbone(run_dir / "teacher_backbone.safetensors")
-    random_model = random_init_backbone(config)
+    patch = outcome.config.model.patch_size
+    eval_size = _round_to(info.size, patch, patch)
+    data = load_demo_data(settings, info, eval_size, patch)
+    trained_model = load_backbone(outcome.run_dir / "teacher_backbone.safetensors")
+    random_model = random_init_backbone(outcome.config)
+    return _Loaded(data, DataSummary.of(info, data, settings.style, eval_size), trained_model, random_model)
 
-    # 4. evaluation
+
+def _evaluate_trained(
+    settings: DemoSettings, loaded: _Loaded, device: torch.device, log: PhaseLog
+) -> tuple[BackboneEvaluation, RasaEvaluation, PcaPanels]:
+    """Phase 4a: every protocol on the trained backbone, RASA on its patch features, its PCA maps."""
     log.phase("evaluate trained", "phase 4/5: evaluating the trained backbone")
-    trained, trained_train, trained_val = evaluate_backbone(
-        "trained", trained_model, data, settings, device, log
-    )
+    data = loaded.data
+    trained, train, val = score_backbone("trained", loaded.trained_model, data, settings, device, log)
     log(f"evaluate[trained]: RASA ({settings.eval.rasa_iterations} iterations)")
-    rasa_result = run_rasa(
-        trained_train.patch, trained_val.patch, settings.eval, device, settings.seed, settings.progress
-    )
-    rasa = rasa_result.to_dict()
-    rasa["position_r2_before"] = rasa_result.baseline["linear_r2"]
-    rasa["position_r2_after"] = rasa_result.metrics[-1]["linear_r2"]
-    rasa["predictor_r2_first"] = rasa_result.metrics[0]["predictor_r2"]
-    rasa["predictor_r2_last"] = rasa_result.metrics[-1]["predictor_r2"]
-    hummingbird_rasa = run_hummingbird(
-        trained_train.patch, trained_val.patch, data, settings.eval, device, projection=rasa_result.matrix
-    )
+    rasa = evaluate_rasa(train.patch, val.patch, data, settings, device)
     log(
-        f"evaluate[trained]: RASA position R^2 {rasa['position_r2_before']:.3f} -> {rasa['position_r2_after']:.3f}, "
-        f"HummingBird mIoU {trained['hummingbird']['miou']:.1f} -> {hummingbird_rasa['miou']:.1f} with RASA"
+        f"evaluate[trained]: RASA position R^2 {rasa.position_r2_before:.3f} -> {rasa.position_r2_after:.3f}, "
+        f"HummingBird mIoU {trained.hummingbird_miou:.1f} -> {rasa.hummingbird['miou']:.1f} with RASA"
     )
-    # val images spread over the split (it is sorted by class), so that the maps show several shape classes
-    count = min(settings.eval.pca_images, len(val_split.labels))
-    shown = torch.tensor([round(j * len(val_split.labels) / count) for j in range(count)])
-    pca_trained = pca_map_images(trained_val.patch[shown], eval_size)
-    pca_rasa = pca_map_images(trained_val.patch[shown] @ rasa_result.matrix.T, eval_size)
-    del trained_train, trained_val
+    panels = PcaPanels.spread(len(data.val.labels), settings.eval.pca_images, loaded.summary.eval_size)
+    return trained, rasa, panels.with_trained(val.patch, rasa.result.matrix)
 
+
+def _evaluate_random(
+    settings: DemoSettings, loaded: _Loaded, pca: PcaPanels, device: torch.device, log: PhaseLog
+) -> tuple[BackboneEvaluation, PcaPanels]:
+    """Phase 4b: every protocol on the same architecture at its random initialisation, and its PCA maps."""
     log.phase("evaluate random init", "phase 4/5: evaluating the same backbone at random initialisation")
-    random, _, random_val = evaluate_backbone("random init", random_model, data, settings, device, log)
-    pca_random = pca_map_images(random_val.patch[shown], eval_size)
-    del random_val
+    random, _, val = score_backbone("random init", loaded.random_model, loaded.data, settings, device, log)
+    return random, pca.with_random(val.patch)
 
-    ablation = None
-    if settings.ablation:
-        ablation = run_ablation(settings, outcome, trained, random, data, device, log)
 
-    # 5. report
+def _report_phase(results: DemoResults, pca: PcaPanels, data: DemoData, log: PhaseLog) -> dict[str, Any]:
+    """Phase 5: the figures, ``report.html`` and ``metrics.json``; returns the metrics with the report's path and
+    the closing notes."""
+    from franca.report import write_metrics_json
+
     log.phase("report", "phase 5/5: writing the report")
-    rows = summary_rows(trained, random, settings.eval)
-    knn_points = trained["knn"]["top1"] - random["knn"]["top1"]
-    hb_points = trained["hummingbird"]["miou"] - random["hummingbird"]["miou"]
-    pca_rows = [
-        [
-            val_split.images[index].permute(1, 2, 0).numpy(),
-            colour_mask(val_split.masks[index]),
-            pca_trained[i],
-            pca_rasa[i],
-            pca_random[i],
-        ]
-        for i, index in enumerate(shown.tolist())
-    ]
-    figures = _figures(
-        out,
-        outcome,
-        trained,
-        random,
-        rasa_result.curve(),
-        pca_rows,
-        ["image", "mask", "trained", "trained + RASA", "random init"],
-        settings.eval,
-    )
+    figures = make_figures(results, pca.rows(data.val))
     log.end_phase()
-    metrics: dict[str, Any] = {
-        "settings": {
-            **{key: value for key, value in asdict(settings).items() if key != "eval"},
-            "evaluation": asdict(settings.eval),
-            "device": str(device),
-            "data_dir": str(settings.data_path),
-        },
-        "data": {
-            "root": str(info.root),
-            "num_train": info.num_train,
-            "num_val": len(val_split.labels),
-            "eval_train_images": len(train_split.labels),
-            "size": info.size,
-            "style": settings.style,
-            "eval_size": eval_size,
-            "skipped_train": train_split.num_skipped,
-            "skipped_val": val_split.num_skipped,
-        },
-        "training": {
-            **outcome.summary(),
-            "levels": config.heads.level_widths(trained["sliced_knn"]["feature_dim"]),
-            "config": config_to_dict(config),
-        },
-        "trained": trained,
-        "random_init": random,
-        "rasa": rasa,
-        "hummingbird_rasa": hummingbird_rasa,
-        "summary": rows,
-        "targets": {
-            "knn_points": knn_points,
-            "knn_target": TARGET_KNN_POINTS,
-            "knn_met": knn_points >= TARGET_KNN_POINTS,
-            "hummingbird_points": hb_points,
-            "hummingbird_target": TARGET_HUMMINGBIRD_POINTS,
-            "hummingbird_met": hb_points >= TARGET_HUMMINGBIRD_POINTS,
-        },
-        "timings": dict(log.timings),
-    }
-    if ablation is not None:
-        metrics["ablation"] = ablation
-    total = log.elapsed()
-    metrics["timings"]["total"] = total
-    report = write_report(settings, metrics, outcome, figures, rows, total)
-    metrics["report"] = str(report)
-    write_metrics_json(out / "metrics.json", metrics)
+    results.timings = {**log.timings, "total": log.elapsed()}
+    metrics = results.to_dict()
+    metrics["report"] = str(write_report(results, figures))
+    write_metrics_json(Path(results.settings.output_dir) / "metrics.json", metrics)
+    metrics["notes"] = _notes(results.outcome)
+    return metrics
 
+
+def _notes(outcome: TrainOutcome) -> list[str]:
+    """What the closing summary points out: an unfinished run, a DINO loss still at its uniform value."""
+    training = outcome.summary()
     notes = []
     if not outcome.completed:
-        notes.append(f"{unfinished_text(outcome.summary())}; re-run without --eval-only to continue training")
+        notes.append(f"{unfinished_text(training)}; re-run without --eval-only to continue training")
+    plateau_text = plateau_note(training)
     if plateau_text:
         notes.append(plateau_text)
-    metrics["notes"] = notes
-    return metrics
+    return notes
 
 
 def summary_text(metrics: dict[str, Any]) -> str:

@@ -1,17 +1,23 @@
-"""The demo's phase lines (``[demo 1m23s] ...``) and phase timings."""
+"""The demo's phase lines (``[demo 1m23s] ...``) and phase timings.
+
+The lines are log records of the ``franca.demo`` logger at INFO (the library never prints): :mod:`franca.cli.demo`
+shows them on stdout through a tqdm-safe handler, so that running progress bars are not broken.
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
+
+LOGGER_NAME = "franca.demo"
+logger = logging.getLogger(LOGGER_NAME)
 
 
 class PhaseLog:
-    """Prints ``[demo 1m23s] message`` lines (through tqdm, so bars are not broken) and records phase timings."""
+    """Logs ``[demo 1m23s] message`` lines (INFO, logger ``franca.demo``) and records phase timings."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.enabled = enabled
         self.timings: dict[str, float] = {}
         self._phase: tuple[str, float] | None = None
 
@@ -20,13 +26,8 @@ class PhaseLog:
         return time.perf_counter() - self.start
 
     def __call__(self, message: str) -> None:
-        """Print one progress line with the elapsed time."""
-        if not self.enabled:
-            return
-        from franca.core.progress import ProgressBar
-
-        ProgressBar.write(f"[demo {format_duration(self.elapsed())}] {message}", file=sys.stdout)
-        sys.stdout.flush()
+        """Log one progress line with the elapsed time."""
+        logger.info("[demo %s] %s", format_duration(self.elapsed()), message)
 
     def phase(self, name: str, message: str) -> None:
         """Close the running phase (recording its duration) and start ``name``."""

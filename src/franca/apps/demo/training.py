@@ -153,18 +153,7 @@ def train_with_budget(
     backbone = run_dir / "teacher_backbone.safetensors"
     if start_iteration >= total and backbone.is_file():
         log(f"train[{mode}]: {run_dir} is already trained ({total} iterations); reusing it")
-        return TrainOutcome(
-            mode,
-            run_dir,
-            start_iteration,
-            total,
-            0.0,
-            start_iteration,
-            True,
-            False,
-            _last_rate(run_dir),
-            config,
-        )
+        return _outcome(mode, run_dir, config, start_iteration, start_iteration)
     if start_iteration:
         log(f"train[{mode}]: resuming {run_dir} at iteration {start_iteration}/{total}")
     started = time.perf_counter()
@@ -176,15 +165,32 @@ def train_with_budget(
             f"{total}; evaluating this checkpoint (the schedule is cut short; re-run the same command to continue "
             "training)"
         )
+    seconds = time.perf_counter() - started
+    return _outcome(
+        mode, run_dir, config, result.iteration, start_iteration, seconds, result.stopped is not None
+    )
+
+
+def _outcome(
+    mode: str,
+    run_dir: Path,
+    config: Any,
+    iteration: int,
+    resumed_from: int,
+    seconds: float = 0.0,
+    stopped_by_budget: bool = False,
+) -> TrainOutcome:
+    """The outcome of a run that reached ``iteration`` (completed when that is its last), with its median rate."""
+    total = config.train.iterations
     return TrainOutcome(
         mode,
         run_dir,
-        result.iteration,
+        iteration,
         total,
-        time.perf_counter() - started,
-        start_iteration,
-        result.iteration >= total,
-        result.stopped is not None,
+        seconds,
+        resumed_from,
+        iteration >= total,
+        stopped_by_budget,
         _last_rate(run_dir),
         config,
     )
@@ -282,18 +288,7 @@ def existing_run(run_dir: Path, log: PhaseLog, mode: str = "slice") -> TrainOutc
     config = load_config(config_path)
     iteration, total = checkpoints[-1][0], config.train.iterations
     log(f"train[{mode}]: --eval-only: evaluating {run_dir} as it is (iteration {iteration}/{total})")
-    return TrainOutcome(
-        mode,
-        run_dir,
-        iteration,
-        total,
-        0.0,
-        iteration,
-        iteration >= total,
-        False,
-        _last_rate(run_dir),
-        config,
-    )
+    return _outcome(mode, run_dir, config, iteration, iteration)
 
 
 def obtain_run(
