@@ -13,7 +13,8 @@ import torch
 
 from franca.core.errors import CheckpointError
 from franca.models import build_model
-from franca.models.checkpoints import load_backbone, read_state_dict, resample_pos_embed, save_backbone
+from franca.models.checkpoints import load_backbone, resample_pos_embed, save_backbone
+from franca.models.files import read_state_dict
 
 
 class _NotATensor:
@@ -442,7 +443,7 @@ class _Records(logging.Handler):
 @pytest.fixture()
 def checkpoint_log() -> Iterator[_Records]:
     handler = _Records()
-    logger = logging.getLogger("franca.models.checkpoints")
+    logger = logging.getLogger("franca.models")
     logger.addHandler(handler)
     try:
         yield handler
@@ -551,7 +552,7 @@ def test_cli_warns_about_non_finite_weights_in_one_line(tmp_path: Path, one_imag
 
 
 def test_error_reason_drops_torch_advice() -> None:
-    from franca.models.checkpoints import error_reason
+    from franca.models.files import error_reason
 
     text = (
         "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "

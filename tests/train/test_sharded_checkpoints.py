@@ -15,7 +15,8 @@ from test_trainer import TINY
 
 from franca.cli import main as cli_main
 from franca.core.errors import CheckpointError
-from franca.models.checkpoints import is_sharded_checkpoint, load_backbone
+from franca.models.checkpoints import load_backbone
+from franca.models.files import is_sharded_checkpoint
 from franca.train.checkpointing import (
     consolidate_checkpoint,
     latest_checkpoint,

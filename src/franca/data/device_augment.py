@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,7 @@ from franca.data.augmentations import (
     check_color_jitter,
     check_probability,
 )
-
-if TYPE_CHECKING:
-    from franca.data.batch import TrainBatch
+from franca.data.batch import TrainBatch
 
 __all__ = [
     "DeviceMultiCropAugmentation",

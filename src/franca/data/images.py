@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 
+from franca.core.distributed import all_reduce_sum
 from franca.core.errors import DataError
 
 __all__ = [
@@ -405,8 +406,6 @@ class SkipCounter:
 
     def global_counts(self) -> tuple[int, int]:
         """``(loaded, skipped)`` summed over all ranks (equal to the local counts without a process group)."""
-        from franca.core.distributed import all_reduce_sum
-
         counts = all_reduce_sum(torch.tensor([self.num_loaded, self.num_skipped], dtype=torch.float64))
         return int(counts[0].item()), int(counts[1].item())
 

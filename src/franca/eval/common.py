@@ -23,12 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from franca import __version__
 from franca.core.errors import CheckpointError, ConfigError, DataError
 from franca.core.io import atomic_write_text, ensure_output_dir, output_dir_problem
 from franca.core.runtime import resolve_device
+from franca.data.augmentations import eval_transform
+from franca.data.datasets import ImageFolderDataset
+from franca.data.images import collate_skip_none
 from franca.eval.defaults import DEFAULT_OUTPUT_ROOT, EXTRACT_BATCH_SIZE
 from franca.eval.output import format_table
 from franca.features import Features, extract_features
+from franca.models.checkpoints import load_backbone
 
 __all__ = [
     "DEFAULT_OUTPUT_ROOT",
@@ -76,8 +81,6 @@ def load_model(
     With ``size``, checks that it is a multiple of the patch size, so the error comes before any data is read.
     Returns (model, device).
     """
-    from franca.models.checkpoints import load_backbone
-
     if isinstance(rasa, str) and rasa == "checkpoint" and not Path(rasa).exists():
         rasa = True
     elif isinstance(rasa, (str, os.PathLike)) and not Path(rasa).exists():
@@ -102,8 +105,6 @@ def make_loader(
     drop_last: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader for evaluation that skips unreadable samples (``franca.data.images.collate_skip_none``)."""
-    from franca.data.images import collate_skip_none
-
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(
         dataset,
@@ -129,9 +130,6 @@ def classification_datasets(train_root: str, val_root: str, size: int) -> tuple[
 
     The val classes must be the train classes (same folder names), so labels mean the same thing in both.
     """
-    from franca.data.augmentations import eval_transform
-    from franca.data.datasets import ImageFolderDataset
-
     transform = eval_transform(size=size)
     train = ImageFolderDataset(train_root, transform=transform)
     val = ImageFolderDataset(val_root, transform=transform)
@@ -306,8 +304,6 @@ def write_results(
     ``metrics`` (``results`` made JSON-safe). It is written to a temporary name and renamed, so an interrupted run
     never leaves half a file. ``output_dir`` None means ``runs/eval/<name>``.
     """
-    from franca import __version__
-
     directory = ensure_output_dir(output_dir if output_dir is not None else DEFAULT_OUTPUT_ROOT / name)
     arguments = _arguments_dict(args)
     checkpoint = arguments.get(

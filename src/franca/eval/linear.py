@@ -42,9 +42,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms import v2
 
+from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError
 from franca.core.progress import ProgressBar
+from franca.data.datasets import ImageFolderDataset
 from franca.data.images import SkipCounter
 from franca.eval import defaults
 from franca.eval.common import (
@@ -611,10 +614,6 @@ def train_linear_probe(
 # --------------------------------------------------------------------------------------------------- model level
 def train_augmentation(size: int) -> Callable:
     """DINOv2's linear-probe train transform: RandomResizedCrop(size, bicubic) + horizontal flip + ImageNet norm."""
-    from torchvision.transforms import v2
-
-    from franca.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
-
     return v2.Compose(
         [
             v2.ToImage(),
@@ -628,8 +627,6 @@ def train_augmentation(size: int) -> Callable:
 
 def augmented_train_dataset(train_root: str, size: int) -> Any:
     """The ImageFolder ``train_root`` under :func:`train_augmentation` (``evaluate_linear``'s ``augment_dataset``)."""
-    from franca.data.datasets import ImageFolderDataset
-
     return ImageFolderDataset(train_root, transform=train_augmentation(size))
 
 

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 from franca.core.errors import ConfigError, DataError, check_choice
+from franca.data.images import UnreadableImageError, load_image
 from franca.eval.common import check_input_size, model_device
 from franca.eval.metrics import pca_scores
 from franca.eval.segmentation_data import RESIZE_MODES, TOKEN_CHOICES, patch_token, resize_square
@@ -151,10 +153,6 @@ def _read_images(
 ) -> tuple[Tensor, int]:
     """(the readable images resized to S x S as uint8 [n, 3, S, S], the number of unreadable ones skipped with a
     warning); DataError when none is readable."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from franca.data.images import UnreadableImageError, load_image
-
     tensors, skipped = [], 0
     for item in images:
         try:

@@ -49,9 +49,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import ConfigError, DataError, check_choice
+from franca.core.progress import ProgressBar
+from franca.data.images import UnreadableImageError, load_image
+from franca.data.synth import list_samples, read_synth_info
 from franca.eval import defaults
 from franca.features import Features
 
@@ -123,8 +128,6 @@ def _synth_root(root: Path, split: str) -> tuple[Path, str] | None:
 
 def _is_synth_output(root: Path) -> bool:
     """Whether ``root/classes.json`` was written by ``franca data synth``."""
-    from franca.data.synth import read_synth_info
-
     if not (root / "classes.json").is_file():
         return False
     try:
@@ -171,8 +174,6 @@ def detect_layout(root: str | os.PathLike, split: str = "val") -> str:
 
 
 def _list_synth(root: Path, split: str) -> SegmentationListing:
-    from franca.data.synth import list_samples, read_synth_info
-
     found = _synth_root(root, split)
     if found is None:
         raise DataError(
@@ -340,8 +341,6 @@ def _transform_pair(
     std: Sequence[float],
 ) -> tuple[Tensor, Tensor]:
     """Apply the same resize (/crop) to image and mask; normalise the image. Returns ([3,S,S] float, [S,S] int64)."""
-    from torchvision.transforms.v2 import functional as TF
-
     image_tensor = resize_square(TF.pil_to_tensor(image), size, resize_mode)  # uint8 [3, S, S]
     mask_tensor = resize_square(torch.from_numpy(mask).unsqueeze(0), size, resize_mode, nearest=True)
     image_float = TF.normalize(image_tensor.float() / 255.0, list(mean), list(std))
@@ -352,9 +351,6 @@ def resize_square(tensor: Tensor, size: int, resize_mode: str = "resize", neares
     """[C, H, W] -> [C, S, S] with the evaluation geometry: ``"resize"`` both sides to S, ``"crop"`` the shorter side
     to S then the centre S x S. Images are resized bilinearly with antialiasing, label maps (``nearest``) with nearest
     neighbour so that labels are never blended."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
     check_choice("resize mode", resize_mode, RESIZE_MODES)
     mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
     if resize_mode == "resize":
@@ -421,8 +417,6 @@ class SegmentationDataset(Dataset):
 
     def infer_num_classes(self) -> int:
         """1 + the largest non-ignored label over all masks (after background removal); reads every mask once."""
-        from franca.core.progress import ProgressBar
-
         largest = -1
         for sample in ProgressBar(self.samples, desc="scanning masks", unit="mask", leave=False):
             try:
@@ -440,8 +434,6 @@ class SegmentationDataset(Dataset):
 
     def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """The raw RGB image and its (remapped) int64 mask [H, W]; raises on unreadable or inconsistent files."""
-        from franca.data.images import load_image
-
         sample = self.samples[index]
         image = load_image(sample.image)
         mask = load_mask(sample.mask)
@@ -461,8 +453,6 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | None:
-        from franca.data.images import UnreadableImageError
-
         try:
             image, mask = self.load_pair(index)
         except (UnreadableImageError, UnreadableMaskError) as error:

@@ -27,246 +27,34 @@ loaded with one logged warning naming them (:func:`warn_non_finite`).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import re
-import warnings
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 
 from franca.core.errors import CheckpointError
 from franca.core.io import atomic_target
+from franca.models.files import StateDict, describe_source, read_checkpoint, read_state_dict
 from franca.models.formats import FORMAT_KEY, to_official_layout
-from franca.models.formats.transformers_dinov2 import (
-    CONFIG_FILE,
-    CONFIG_METADATA,
-    is_transformers_folder,
-    weights_files,
-)
 from franca.models.layers import FFN_LAYERS
-from franca.models.state import check_tensors
+from franca.models.rasa import rasa_matrix_from
+from franca.models.state import check_tensors, warn_non_finite
 from franca.models.vision_transformer import DinoVisionTransformer, ViTConfig
 
 BACKBONE_FORMAT = "backbone"
 HEAD_PREFIXES = ("dino_head.", "ibot_head.", "rasa_head.")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "backbone.")
-WRAPPER_KEYS = ("teacher", "model", "state_dict", "module")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-StateDict = dict[str, Tensor]
-DCP_METADATA = ".metadata"  # the file that makes a folder a complete torch.distributed.checkpoint
-
-_log = logging.getLogger(__name__)
-# torch.load's errors advise re-running with weights_only=False, which could run a pickled payload: never passed on
-_TORCH_ADVICE = re.compile(
-    r"weights_only|safe_globals|arbitrary code|trust|file an issue|documentation of", re.I
-)
-_PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _describe(source: Any) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
-    """Read a ``.pth``/``.pt``/``.safetensors`` file into a flat tensor dict and its metadata (safetensors only).
-
-    Wrappers such as ``{"teacher": {...}}``, ``{"model": {...}}`` or ``{"state_dict": {...}}`` are unwrapped (the
-    EMA teacher is preferred); non-tensor entries are dropped.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: no such file; give the path of a .pth, .pt or .safetensors checkpoint"
-        )
-    if path.is_dir():
-        if is_sharded_checkpoint(path):
-            return _unwrap(read_sharded_checkpoint(path, keys=("teacher",)), path), {}
-        if is_transformers_folder(path):  # its weights (every shard), and its config.json as metadata
-            state, metadata = {}, {}
-            for file in weights_files(path):
-                part, part_metadata = read_checkpoint(file)
-                state.update(part)
-                metadata.update(part_metadata)
-            return state, {**metadata, CONFIG_METADATA: (path / CONFIG_FILE).read_text(encoding="utf-8")}
-        raise CheckpointError(
-            f"{path}: is a directory; give the checkpoint file inside it (or a transformers model folder with "
-            "config.json and model.safetensors)"
-        )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty; download or export it again")
-    metadata: dict[str, str] = {}
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = dict(handle.metadata() or {})
-                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file ({error_reason(error)}); it may be truncated"
-            ) from None
-        return state, metadata
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt files raise many types (UnpicklingError, EOFError...)
-        raise _torch_load_error(path, error) from None
-    return _unwrap(obj, path), metadata
-
-
-def error_reason(error: BaseException) -> str:
-    """The first sentence of ``error`` that gives a reason, on one line and without torch's advice.
-
-    ``torch.load`` suggests re-running with ``weights_only=False`` (or allow-listing globals), which would execute
-    whatever the pickle holds; that advice is dropped, as are ANSI colour codes. Falls back to the error's type name.
-    """
-    failures = getattr(
-        error, "failures", None
-    )  # torch.distributed.checkpoint: {rank: (exception, traceback)}
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) else first
-        if isinstance(inner, BaseException):
-            return error_reason(inner)
-    text = _ANSI.sub("", str(error))
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    sentences = (part.strip() for part in re.split(r"(?<=[.!?])\s+|\n+", text))
-    reason = next((part for part in sentences if part and not _TORCH_ADVICE.search(part)), "")
-    return reason[:200].rstrip(".") or type(error).__name__
-
-
-def _torch_load_error(path: Path, error: BaseException) -> CheckpointError:
-    """The one-line error for a file ``torch.load(weights_only=True)`` refused or could not read."""
-    pickled = _PICKLED_GLOBAL.search(str(error))
-    if pickled:
-        return CheckpointError(
-            f"{path}: holds Python objects other than tensors ({pickled.group(1)}), which are not loaded for safety; "
-            "re-save it with torch.save(state_dict) or export it with franca.save_backbone"
-        )
-    return CheckpointError(
-        f"{path}: not a readable PyTorch checkpoint ({error_reason(error)}); it is probably truncated, corrupt or "
-        "not a checkpoint at all: download or export it again"
-    )
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete ``torch.distributed.checkpoint`` folder (one shard file per rank + metadata)."""
-    path = Path(path)
-    return path.is_dir() and (path / DCP_METADATA).is_file()
-
-
-def read_sharded_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The nested state dict saved in a ``torch.distributed.checkpoint`` folder, consolidated in this process.
-
-    ``keys`` limits the read to some top-level entries (``("teacher",)`` reads a tenth of a training checkpoint).
-    Runs without collectives, so one process may call it inside a distributed job.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    try:
-        planner = _EmptyStateDictLoadPlanner(keys=set(keys) if keys else None)
-    except TypeError:  # torch < 2.5: no key filter, read everything
-        planner = _EmptyStateDictLoadPlanner()
-    try:
-        with dcp_single_process():
-            # the private loader that torch's own dcp_to_torch_save uses: the public load() fills a copy of the
-            # (empty) dict it is given, and would run collectives inside a distributed job
-            _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
-    except _dcp_errors() as error:
-        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({error_reason(error)})") from None
-    return state
-
-
-def _dcp_errors() -> tuple[type[BaseException], ...]:
-    """What a failed ``torch.distributed.checkpoint`` read raises: any Exception, or its CheckpointException, which
-    derives from BaseException (so that ``except Exception`` in user code does not swallow it)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return (Exception, CheckpointException)
-
-
-def dcp_load(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.distributed.checkpoint.load`` of folder ``path`` into ``state`` (in place).
-
-    With a process group, every rank must call it (the ranks plan the reads together); without one it reads in this
-    process alone.
-    """
-    from torch.distributed.checkpoint import FileSystemReader, load
-
-    try:
-        with dcp_single_process():
-            load(state, storage_reader=FileSystemReader(str(path)))
-    except _dcp_errors() as error:  # on every rank: the ranks read together
-        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({error_reason(error)})") from None
-
-
-_DCP_SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
-
-
-@contextlib.contextmanager
-def dcp_single_process() -> Iterator[None]:
-    """Silence torch.distributed.checkpoint's warning that it runs in one process without a process group (which is
-    what franca means when it calls it so: one training process, or the conversion commands)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS)
-        yield
-
-
-def ignore_dcp_single_process_warning() -> None:
-    """:func:`dcp_single_process` for the rest of the process: an asynchronous save warns from its own thread, after
-    any ``with`` block around the call has ended."""
-    warnings.filterwarnings("ignore", message=_DCP_SINGLE_PROCESS)
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte header length followed by a JSON object."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path)
-
-
-def _unwrap(obj: Any, source: Any) -> StateDict:
-    for _ in range(3):
-        if isinstance(obj, Mapping):
-            wrapper = next((key for key in WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
-            if wrapper is None:
-                break
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{_describe(source)}: holds a {type(obj).__name__}, not a state dict of tensors"
-        )
-    state = {str(key): value for key, value in obj.items() if isinstance(value, Tensor)}
-    if not state:
-        raise CheckpointError(f"{_describe(source)}: contains no tensors; is it a model checkpoint?")
-    return state
-
-
-def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
-    """A flat ``{name: tensor}`` dict from a checkpoint path or an (optionally wrapped) state dict."""
-    if isinstance(source, Mapping):
-        return _unwrap(source, source)
-    return read_checkpoint(source)[0]
 
 
 def split_backbone_state(state: Mapping[str, Tensor]) -> tuple[StateDict, StateDict]:
@@ -405,7 +193,7 @@ def infer_config(
     A config read from metadata is validated (:func:`build_config`); :func:`load_backbone` then checks every tensor's
     shape against it.
     """
-    where = _describe(source)
+    where = describe_source(source)
     if metadata and metadata.get("config"):
         return _config_from_metadata(metadata["config"], where)
     required = ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight")
@@ -514,22 +302,6 @@ def _expected_shapes(
     return expected
 
 
-def warn_non_finite(
-    state: Mapping[str, Tensor], where: str, consequence: str = "the features will be NaN"
-) -> None:
-    """Log one warning naming the tensors of ``state`` that hold NaN or inf values (the first few and the count)."""
-    bad = [
-        key
-        for key, value in state.items()
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
-    ]
-    if not bad:
-        return
-    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-    count = f"{len(bad)} tensors hold" if len(bad) > 1 else "1 tensor holds"
-    _log.warning("%s: %s NaN or inf values (%s); %s", where, count, names, consequence)
-
-
 def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1) -> Tensor:
     """Resize a [1, prefix+G*G, D] position embedding to a new square grid (bicubic, antialiased, explicit size).
 
@@ -562,9 +334,9 @@ def load_backbone(
     An impossible architecture (stored or requested) and a missing, extra or misshapen tensor raise one
     :class:`CheckpointError` line naming the file and the option or tensor; NaN/inf weights load with one warning.
     """
-    where = _describe(source)
+    where = describe_source(source)
     if isinstance(source, Mapping):
-        state, metadata = _unwrap(source, source), {}
+        state, metadata = read_state_dict(source), {}
     else:
         state, metadata = read_checkpoint(source)
     backbone, heads = split_backbone_state(state)
@@ -596,8 +368,6 @@ def load_backbone(
         if not rasa:
             raise CheckpointError(f"{where}: rasa=True but the checkpoint has no rasa_head.* tensors")
     if rasa is not None and rasa is not False:
-        from franca.models.rasa import rasa_matrix_from
-
         rasa_matrix = rasa_matrix_from(rasa, embed_dim=config.embed_dim)
     if rasa_matrix is not None:
         model.set_rasa(rasa_matrix)
@@ -611,8 +381,6 @@ def save_backbone(
 
     The file is written to a temporary name and renamed, so an interrupted save never leaves a partial file.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: backbone exports are safetensors files; use a .safetensors name")

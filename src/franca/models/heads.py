@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from franca.core.errors import CheckpointError, ConfigError
-from franca.models.state import check_tensors
+from franca.models.files import read_state_dict
+from franca.models.state import check_tensors, warn_non_finite
 
 __all__ = [
     "MATRYOSHKA_MODES",
@@ -533,16 +534,12 @@ def _tied_from_state(state: Mapping[str, Tensor], source: str, embed_dim: int | 
 
 
 def _read_state_dict(source: Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Flat tensor dict via ``franca.models.checkpoints.read_state_dict`` (imported lazily: it imports the backbone)."""
-    from franca.models.checkpoints import read_state_dict
-
+    """Flat tensor dict via ``franca.models.files.read_state_dict``."""
     return dict(read_state_dict(source))
 
 
 def _warn_non_finite(state: Mapping[str, Tensor], source: str) -> None:
-    """``franca.models.checkpoints.warn_non_finite`` for head tensors (imported lazily, like :func:`_read_state_dict`)."""
-    from franca.models.checkpoints import warn_non_finite
-
+    """``franca.models.state.warn_non_finite`` for head tensors, with the consequence for a head."""
     warn_non_finite(state, source, consequence="the head outputs will be NaN")
 
 
@@ -560,7 +557,7 @@ def load_heads(
     """Build the training heads stored in a Franca (or DINOv2) checkpoint: ``{"dino_head": .., "ibot_head": ..}``.
 
     ``source`` is a checkpoint path or an in-memory state dict, either ``{"teacher": {...}}`` / ``{"model": {...}}``
-    or flat (read with ``franca.models.checkpoints.read_state_dict``). ``module.`` / ``_orig_mod.`` are stripped. Each head is
+    or flat (read with ``franca.models.files.read_state_dict``). ``module.`` / ``_orig_mod.`` are stripped. Each head is
     inferred from tensor shapes alone (levels, widths, slice/project mode, hidden/bottleneck widths, prototype
     counts, depth; DINOv2 ``mlp``/``last_layer`` heads become :class:`DINOHead`) and loaded strictly.
     ``heads`` names the families required; a missing one raises CheckpointError naming the file. Tensors holding NaN

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from franca.core.errors import CheckpointError
 from franca.core.io import atomic_torch_save
+from franca.models.files import read_state_dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # The removal maps
@@ -138,12 +139,10 @@ def read_rasa_head(source: str | os.PathLike | Mapping[str, Any]) -> list[Tensor
     """The removal weights [2, D] of a RASA head, in application order: ``pre_pos_layers.0 ... n-1``, then ``pos_pred``.
 
     ``source`` is a head file (``.pth``/``.pt``/``.safetensors``, read with
-    :func:`franca.models.checkpoints.read_state_dict`, so wrappers such as ``{"state_dict": ...}`` are unwrapped) or a state
+    :func:`franca.models.files.read_state_dict`, so wrappers such as ``{"state_dict": ...}`` are unwrapped) or a state
     dict. Any number of pre layers is accepted (the releases have 8 or 9); keys may carry one common prefix such as
     ``rasa_head.`` or ``head.`` (Lightning checkpoints). Raises :class:`CheckpointError` when the layout is wrong.
     """
-    from franca.models.checkpoints import read_state_dict
-
     where = _describe(source)
     state = read_state_dict(source)
     pre: dict[str, dict[int, Tensor]] = {}

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from franca.core.errors import CheckpointError, ConfigError
+from franca.models.checkpoints import load_backbone
 from franca.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, ViTConfig
 
 __all__ = [
@@ -375,8 +376,6 @@ def create_model(
                 f"rasa needs weights: pass pretrained=True or a checkpoint to create '{info.name}'"
             )
         return DinoVisionTransformer(info.vit_config(**overrides))
-    from franca.models.checkpoints import load_backbone
-
     if pretrained is True:
         if not info.has_weights:
             with_weights = [n for n in list_models(pretrained=True) if _REGISTRY[n].preset == info.preset]

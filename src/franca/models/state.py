@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from franca.core.errors import CheckpointError
+
+_log = logging.getLogger(__name__)
 
 
 def check_tensors(
@@ -47,3 +51,19 @@ def check_tensors(
             f"{list(expected[key])}{more}; the file is corrupt, edited or of another model: download or export it "
             "again"
         )
+
+
+def warn_non_finite(
+    state: Mapping[str, Tensor], where: str, consequence: str = "the features will be NaN"
+) -> None:
+    """Log one warning naming the tensors of ``state`` that hold NaN or inf values (the first few and the count)."""
+    bad = [
+        key
+        for key, value in state.items()
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+    ]
+    if not bad:
+        return
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    count = f"{len(bad)} tensors hold" if len(bad) > 1 else "1 tensor holds"
+    _log.warning("%s: %s NaN or inf values (%s); %s", where, count, names, consequence)

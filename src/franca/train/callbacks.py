@@ -14,14 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
+if TYPE_CHECKING:  # cycle: franca.train.trainer imports this module
     from franca.train.trainer import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)

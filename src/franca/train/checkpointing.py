@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 
 from franca.core import distributed as dist_utils
 from franca.core.errors import CheckpointError, RunDirectoryBusyError
@@ -39,12 +41,14 @@ from franca.core.io import (
     remove_path,
     temporary_path,
 )
-from franca.models.checkpoints import (
+from franca.models.checkpoints import save_backbone
+from franca.models.files import (
     dcp_single_process,
     ignore_dcp_single_process_warning,
     is_sharded_checkpoint,
     read_sharded_checkpoint,
 )
+from franca.models.vision_transformer import DinoVisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ class RunLock:
             raise self._busy(f"pid {os.getpid()}, this process")
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
         try:
-            import fcntl
+            import fcntl  # POSIX only: the ImportError below is the Windows fallback
 
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # Windows: no lock between processes
@@ -218,6 +222,7 @@ class ShardedCheckpointWriter:
 
     def save(self, iteration: int, state: dict[str, Any]) -> Path:
         """Save ``state`` (sharded tensors allowed) as checkpoint ``iteration``; returns the final folder's path."""
+        # lazy: torch.distributed.checkpoint takes ~0.6 s to import; only sharded checkpoints need it
         import torch.distributed.checkpoint as dcp
 
         self.wait()
@@ -254,8 +259,6 @@ class ShardedCheckpointWriter:
         Sharing the training's group would interleave the writer's collectives with the step's all-reduces in a
         different order on each rank; gloo, because NCCL must not be driven from a second thread.
         """
-        import torch.distributed as dist
-
         if not dist_utils.is_enabled():
             return None
         if self._async_group is None:
@@ -290,6 +293,7 @@ def shard_checkpoint(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     The folder holds unsharded tensors; a run of any world size resumes from it, each rank reading its own slices.
     Written under a temporary name and renamed into place.
     """
+    # lazy: torch.distributed.checkpoint takes ~0.6 s to import; only sharded checkpoints need it
     import torch.distributed.checkpoint as dcp
 
     state = load_checkpoint(source)
@@ -318,6 +322,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
 def sharded_checkpoint_shapes(path: str | os.PathLike, entry: str) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors under top-level ``entry`` of a sharded checkpoint folder, read from its metadata
     (keys without the ``<entry>.`` prefix)."""
+    # lazy: torch.distributed.checkpoint takes ~0.6 s to import; only sharded checkpoints need it
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -331,8 +336,6 @@ def sharded_checkpoint_shapes(path: str | os.PathLike, entry: str) -> dict[str, 
 
 def export_iterations(run_dir: str | os.PathLike) -> tuple[int | None, int | None]:
     """The iterations recorded in the run's teacher exports (backbone, heads); None for a missing or unreadable one."""
-    from safetensors import safe_open
-
     run_dir = Path(run_dir)
     backbone = heads = None
     with contextlib.suppress(Exception), safe_open(str(run_dir / BACKBONE_EXPORT), framework="pt") as handle:
@@ -379,9 +382,6 @@ def export_teacher(
     run_dir: str | os.PathLike, official_state: dict[str, torch.Tensor], backbone_config: Any, iteration: int
 ) -> tuple[Path, Path]:
     """Write the teacher backbone (safetensors) and heads (official layout) from an official-layout teacher state."""
-    from franca.models.checkpoints import save_backbone
-    from franca.models.vision_transformer import DinoVisionTransformer
-
     run_dir = Path(run_dir)
     with torch.device("meta"):  # no allocation and no random initialisation: the training RNG stays untouched
         backbone = DinoVisionTransformer(backbone_config)

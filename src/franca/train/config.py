@@ -32,6 +32,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from franca.core.errors import ConfigError
+from franca.models.vision_transformer import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -720,8 +721,6 @@ def validate_config(config: TrainConfig) -> None:
 
 
 def _validate_heads(config: TrainConfig) -> None:
-    from franca.models.vision_transformer import ARCHITECTURES
-
     levels = config.heads.levels
     if levels is not None:
         if not levels:

@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from franca.core.errors import ConfigError
+from franca.data.augmentations import MultiCropAugmentation
 from franca.data.batch import TrainBatch
-from franca.data.datasets import InfiniteSampler
+from franca.data.datasets import InfiniteSampler, build_unlabeled_dataset
+from franca.data.device_augment import DeviceMultiCropAugmentation
 from franca.ssl import CyclicMask, build_mask_batch
 from franca.train.config import TrainConfig
 
@@ -144,8 +147,6 @@ def _photometric_settings(crops: Any) -> dict[str, Any]:
 
 def build_multicrop(config: TrainConfig) -> Any:
     """The multi-crop augmentation that ``config.crops`` describes."""
-    from franca.data.augmentations import MultiCropAugmentation
-
     crops = config.crops
     return MultiCropAugmentation(
         global_size=crops.global_size,
@@ -160,8 +161,6 @@ def build_multicrop(config: TrainConfig) -> Any:
 
 def build_device_augmentation(config: TrainConfig) -> Any:
     """The batched photometric half of ``config.crops`` (for ``crops.augment_on_device``), see franca.data.device_augment."""
-    from franca.data.device_augment import DeviceMultiCropAugmentation
-
     return DeviceMultiCropAugmentation(**_photometric_settings(config.crops))
 
 
@@ -174,9 +173,6 @@ def build_train_loader(
     world_size: int = 1,
 ) -> tuple[DataLoader, int]:
     """The infinite training DataLoader starting at ``start_iteration``; returns it and the data set size (or -1)."""
-    from franca.core.errors import ConfigError
-    from franca.data.datasets import build_unlabeled_dataset
-
     if not config.data.path:
         raise ConfigError(
             "config key 'data.path' is not set; pass data.path=FOLDER (e.g. made by `franca data synth`)"

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from franca.core.errors import CheckpointError, ConfigError
 from franca.data.batch import TrainBatch
+from franca.models.checkpoints import load_backbone
 from franca.models.heads import DINOHead, MatryoshkaHead, load_heads
 from franca.models.vision_transformer import DinoVisionTransformer, build_model
 from franca.ssl import DinoLoss, IBotPatchLoss, TeacherTargets, koleo_loss
@@ -26,8 +27,6 @@ def build_backbone(config: TrainConfig) -> DinoVisionTransformer:
     model_cfg = config.model
     backbone = build_model(model_cfg.arch, **model_cfg.vit_overrides())
     if model_cfg.pretrained_backbone:
-        from franca.models.checkpoints import load_backbone
-
         pretrained = load_backbone(model_cfg.pretrained_backbone, img_size=model_cfg.img_size)
         if pretrained.config.embed_dim != backbone.embed_dim or pretrained.n_blocks != backbone.n_blocks:
             raise CheckpointError(

@@ -26,7 +26,7 @@ from franca.core import metrics_log
 from franca.core.errors import CheckpointError, ConfigError, FrancaError
 from franca.core.progress import ProgressBar
 from franca.data.batch import TrainBatch
-from franca.models.checkpoints import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
+from franca.models.files import dcp_load, is_sharded_checkpoint, read_sharded_checkpoint
 from franca.models.meta_init import InitRecorder
 from franca.train.callbacks import Callback
 from franca.train.checkpointing import (

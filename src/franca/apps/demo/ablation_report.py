@@ -11,6 +11,14 @@ from typing import Any
 
 from franca.apps.demo.settings import ABLATION_METRICS, ABLATION_MODES, MODE_DESCRIPTIONS, DemoSettings
 from franca.eval.metrics import seed_spread
+from franca.report import (
+    ReportImage,
+    ReportSection,
+    default_facts,
+    plot_grouped_bars,
+    plot_sliced_knn,
+    render_report,
+)
 
 BUDGET_WORDS = {"iterations": "equal iterations", "time": "equal wall time"}
 
@@ -73,8 +81,6 @@ def comparison_table(ablation: dict[str, Any], budget: str) -> list[dict[str, An
 
 
 def _figures(out: Path, ablation: dict[str, Any]) -> dict[str, Path]:
-    from franca.report import plot_grouped_bars, plot_sliced_knn
-
     figures = {}
     for budget, modes in ablation["summary"].items():
         groups = {
@@ -147,8 +153,6 @@ def cost_rows(ablation: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _cost_section(ablation: dict[str, Any]) -> Any:
-    from franca.report import ReportSection
-
     return ReportSection(
         "What the heads cost",
         text=(
@@ -179,8 +183,6 @@ def _run_rows(ablation: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _sections(ablation: dict[str, Any], figures: dict[str, Path]) -> list[Any]:
-    from franca.report import ReportImage, ReportSection
-
     seeds = ablation["seeds"]
     sections = [
         ReportSection(
@@ -248,8 +250,6 @@ def _budget_text(ablation: dict[str, Any], budget: str) -> str:
 
 def write_ablation_report(out: Path, ablation: dict[str, Any], settings: DemoSettings) -> Path:
     """Render ``out/report.html`` from the ablation's JSON (figures in ``out/figures``)."""
-    from franca.report import default_facts, render_report
-
     figures = _figures(out, ablation)
     return render_report(
         out / "report.html",
@@ -266,8 +266,6 @@ def write_ablation_report(out: Path, ablation: dict[str, Any], settings: DemoSet
 
 def ablation_section(ablation: dict[str, Any]) -> Any:
     """The demo report's section: the first budget's table and where the full ablation report is."""
-    from franca.report import ReportSection
-
     budget = ablation["budgets"][0]
     return ReportSection(
         "Ablation: Matryoshka head modes and the DINOv2 baseline",

@@ -10,12 +10,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from franca.apps.demo.progress import PhaseLog
 from franca.apps.demo.settings import NUM_SHAPE_CLASSES, DemoSettings
 from franca.core.errors import ConfigError, DataError, check_choice
+from franca.core.progress import ProgressBar
+from franca.data.images import UnreadableImageError
+from franca.data.synth import STYLES, generate_synthetic_dataset, read_synth_info
 from franca.eval.hummingbird import LabelBank, label_bank
-from franca.eval.segmentation_data import seeded_subset
+from franca.eval.segmentation_data import SegmentationDataset, UnreadableMaskError, seeded_subset
 
 
 def prepare_data(settings: DemoSettings, log: PhaseLog) -> Any:
@@ -23,8 +28,6 @@ def prepare_data(settings: DemoSettings, log: PhaseLog) -> Any:
 
     A complete data set of other sizes is never overwritten: that raises ConfigError naming the mismatch.
     """
-    from franca.data.synth import STYLES, generate_synthetic_dataset
-
     check_choice("--style", settings.style, STYLES)
     root = settings.data_path
     existing = _reusable_data(settings)
@@ -54,8 +57,6 @@ def _reusable_data(settings: DemoSettings) -> Any:
     """The SynthInfo of the complete data set in ``settings.data_path`` when it is the requested one; None when
     there is none (or an interrupted or foreign one, which generation replaces or refuses); ConfigError when it
     has other sizes, seed or style."""
-    from franca.data.synth import STYLES, read_synth_info
-
     root = settings.data_path
     if not (root / "classes.json").is_file():
         return None
@@ -95,8 +96,6 @@ class _SplitDataset(torch.utils.data.Dataset):
     """(image uint8 [3, S, S], mask uint8 [S, S], class id, index) of a synthetic split; None when unreadable."""
 
     def __init__(self, root: Path, split: str, size: int) -> None:
-        from franca.eval.segmentation_data import SegmentationDataset
-
         self.segmentation = SegmentationDataset(root, split=split, layout="synth", size=size)
         names = list(self.segmentation.class_names)  # ("background", shape classes...)
         self.class_of_folder = {name: index - 1 for index, name in enumerate(names) if index > 0}
@@ -106,12 +105,6 @@ class _SplitDataset(torch.utils.data.Dataset):
         return len(self.segmentation)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int] | None:
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        from franca.data.images import UnreadableImageError
-        from franca.eval.segmentation_data import UnreadableMaskError
-
         try:
             image, mask = self.segmentation.load_pair(index)
         except (UnreadableImageError, UnreadableMaskError):
@@ -149,8 +142,6 @@ def load_split(
 
     ``max_images`` keeps a seeded uniform subset of the split (in path order), e.g. to bound feature extraction.
     """
-    from franca.core.progress import ProgressBar
-
     dataset: torch.utils.data.Dataset = _SplitDataset(root, split, size)
     samples = dataset.segmentation.samples
     if max_images is not None and max_images < len(dataset):

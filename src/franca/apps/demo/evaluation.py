@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +38,8 @@ from franca.apps.demo.settings import (
 )
 from franca.apps.demo.training import TrainOutcome
 from franca.features import Features, TensorImages, extract_features
-
-if TYPE_CHECKING:
-    from franca.rasa import RasaResult
+from franca.rasa import RasaResult
+from franca.train.config import config_to_dict
 
 
 @dataclass
@@ -322,8 +321,6 @@ class DemoResults:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``metrics.json`` (the CLI and tests index it)."""
-        from franca.train.config import config_to_dict
-
         metrics: dict[str, Any] = {
             "settings": self.settings_dict(),
             "data": asdict(self.data),

@@ -35,6 +35,10 @@ from franca.apps.demo.training import (
     random_init_backbone,
     training_overrides,
 )
+from franca.eval.output import format_table
+from franca.models.checkpoints import load_backbone
+from franca.report import write_metrics_json
+from franca.train.config import load_config
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -76,8 +80,6 @@ def _data_phase(settings: DemoSettings, log: PhaseLog) -> Any:
 
 def _train_phase(settings: DemoSettings, info: Any, device: torch.device, log: PhaseLog) -> TrainOutcome:
     """Phase 2: train (or resume) the main run in ``<output-dir>/train``, or take it as it is with --eval-only."""
-    from franca.train.config import load_config
-
     run_dir = Path(settings.output_dir) / "train"
     config = load_config(PRESET, training_overrides(settings, info.train_dir, run_dir, device.type))
     log.phase(
@@ -104,8 +106,6 @@ class _Loaded:
 
 def _load_phase(settings: DemoSettings, info: Any, outcome: TrainOutcome, log: PhaseLog) -> _Loaded:
     """Phase 3: both splits into memory at a multiple of the patch size; the trained and random-init backbones."""
-    from franca.models.checkpoints import load_backbone
-
     log.phase("load", "phase 3/5: loading the train and val images and masks into memory")
     patch = outcome.config.model.patch_size
     eval_size = _round_to(info.size, patch, patch)
@@ -144,8 +144,6 @@ def _evaluate_random(
 def _report_phase(results: DemoResults, pca: PcaPanels, data: DemoData, log: PhaseLog) -> dict[str, Any]:
     """Phase 5: the figures, ``report.html`` and ``metrics.json``; returns the metrics with the report's path and
     the closing notes."""
-    from franca.report import write_metrics_json
-
     log.phase("report", "phase 5/5: writing the report")
     figures = make_figures(results, pca.rows(data.val))
     log.end_phase()
@@ -172,8 +170,6 @@ def _notes(outcome: TrainOutcome) -> list[str]:
 def summary_text(metrics: dict[str, Any]) -> str:
     """The demo's closing summary for a terminal: the trained-vs-random table, RASA's effect, the ablation table,
     the notes and where the report went (``metrics`` as :func:`run_demo` returns it)."""
-    from franca.eval.output import format_table
-
     table = [
         {
             "metric": row["metric"],

@@ -18,6 +18,7 @@ from franca.eval.overclustering import OverclusteringSettings, score_overcluster
 from franca.eval.pca_maps import score_pca
 from franca.eval.sliced import sliced_knn
 from franca.features import Features
+from franca.rasa import train_rasa
 
 # The features of a split come from franca.features (TensorImages over the uint8 images, ImageNet-normalised on the
 # device) and every protocol is franca.eval's scoring; the functions below only pick the demo's settings.
@@ -165,8 +166,6 @@ def run_rasa(
     progress: bool = True,
 ) -> Any:
     """RASA on frozen patch features: trained on a seeded subset of train images, R^2 measured on the val split."""
-    from franca.rasa import train_rasa
-
     count, rows, cols, dim = train_patch.shape
     generator = torch.Generator().manual_seed(seed)
     subset = (

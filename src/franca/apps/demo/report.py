@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from franca.apps.demo.ablation_report import ablation_section
 from franca.apps.demo.evaluation import BackboneEvaluation, DemoResults, PcaPanels
@@ -15,16 +15,21 @@ from franca.apps.demo.settings import (
     TARGET_KNN_POINTS,
 )
 from franca.apps.demo.training import PLATEAU_FRACTION, uniform_dino_losses
-
-if TYPE_CHECKING:
-    from franca.report import ReportSection
+from franca.report import (
+    ReportImage,
+    ReportSection,
+    default_facts,
+    plot_image_grid,
+    plot_loss_curves,
+    plot_rasa_r2,
+    plot_sliced_knn,
+    render_report,
+)
 
 
 def make_figures(results: DemoResults, pca_rows: list[list[Any]]) -> dict[str, Path]:
     """The report's plots in ``<output-dir>/figures``: loss curves, sliced k-NN, RASA R^2 and the PCA maps
     (``pca_rows``: :meth:`PcaPanels.rows`); returns {name: PNG path}."""
-    from franca.report import plot_image_grid, plot_loss_curves, plot_rasa_r2, plot_sliced_knn
-
     figures_dir = Path(results.settings.output_dir) / "figures"
     k = results.settings.eval.knn_k
     outcome = results.outcome
@@ -59,8 +64,6 @@ def _models(results: DemoResults) -> tuple[tuple[str, BackboneEvaluation], ...]:
 
 
 def _data_section(results: DemoResults, figures: dict[str, Path]) -> ReportSection:
-    from franca.report import ReportImage, ReportSection
-
     data, outcome = results.data, results.outcome
     training = outcome.summary()
     status = "completed" if outcome.completed else unfinished_text(training)
@@ -84,8 +87,6 @@ def _data_section(results: DemoResults, figures: dict[str, Path]) -> ReportSecti
 
 
 def _classification_section(results: DemoResults) -> ReportSection:
-    from franca.report import ReportSection
-
     evaluation, data = results.settings.eval, results.data
     k = evaluation.knn_k
     memory = (
@@ -115,8 +116,6 @@ def _classification_section(results: DemoResults) -> ReportSection:
 
 
 def _sliced_section(results: DemoResults, figures: dict[str, Path]) -> ReportSection:
-    from franca.report import ReportImage, ReportSection
-
     k = results.settings.eval.knn_k
     trained, random = results.trained, results.random
     series = {
@@ -140,8 +139,6 @@ def _sliced_section(results: DemoResults, figures: dict[str, Path]) -> ReportSec
 
 
 def _dense_section(results: DemoResults) -> ReportSection:
-    from franca.report import ReportSection
-
     evaluation, hummingbird = results.settings.eval, results.trained.hummingbird
     return ReportSection(
         "Dense: HummingBird in-context segmentation and overclustering",
@@ -169,8 +166,6 @@ def _dense_section(results: DemoResults) -> ReportSection:
 
 
 def _rasa_section(results: DemoResults, figures: dict[str, Path]) -> ReportSection:
-    from franca.report import ReportImage, ReportSection
-
     evaluation, rasa = results.settings.eval, results.rasa
     return ReportSection(
         "RASA: removing absolute position from the patch features",
@@ -201,8 +196,6 @@ def _rasa_section(results: DemoResults, figures: dict[str, Path]) -> ReportSecti
 
 
 def _rasa_iterations_section(results: DemoResults) -> ReportSection:
-    from franca.report import ReportSection
-
     result = results.rasa.result
     rows: list[dict[str, Any]] = [
         {
@@ -225,8 +218,6 @@ def _rasa_iterations_section(results: DemoResults) -> ReportSection:
 
 
 def _pca_section(figures: dict[str, Path]) -> ReportSection:
-    from franca.report import ReportImage, ReportSection
-
     return ReportSection(
         "PCA feature maps",
         text=(
@@ -238,8 +229,6 @@ def _pca_section(figures: dict[str, Path]) -> ReportSection:
 
 
 def _targets_section(results: DemoResults) -> ReportSection:
-    from franca.report import ReportSection
-
     targets = results.targets()
     return ReportSection(
         "Targets",
@@ -255,8 +244,6 @@ def _targets_section(results: DemoResults) -> ReportSection:
 def write_report(results: DemoResults, figures: dict[str, Path]) -> Path:
     """Render ``report.html`` (self-contained) in the output folder from the results and the figures
     (:func:`make_figures`); ``results.timings`` must hold the phase timings and the ``total``."""
-    from franca.report import default_facts, render_report
-
     sections = [
         _data_section(results, figures),
         _classification_section(results),

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from franca.core.errors import ConfigError
+from franca.core.runtime import resolve_device as resolve
 
 PRESET = "tiny_cpu"
 NUM_SHAPE_CLASSES = 10
@@ -128,8 +129,6 @@ def apply_quick(settings: DemoSettings, explicit: set[str]) -> DemoSettings:
 
 def resolve_device(name: str) -> torch.device:
     """The demo's device; ``cpu`` also hides GPUs from the trainer (it picks CUDA whenever one is visible)."""
-    from franca.core.runtime import resolve_device as resolve
-
     if name == "cpu" and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA first initialises, i.e. by the trainer
     device = resolve(name)

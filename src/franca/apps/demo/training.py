@@ -15,8 +15,15 @@ from torch import nn
 
 from franca.apps.demo.progress import PhaseLog, format_duration
 from franca.apps.demo.settings import CUDA_BATCH_SIZE, CUDA_ITERATIONS, PRESET, DemoSettings
-from franca.core.errors import ConfigError
+from franca.core.errors import CheckpointError, ConfigError
+from franca.models.heads import matryoshka_prototype_counts
+from franca.models.vision_transformer import ARCHITECTURES
+from franca.report import load_metrics_records
 from franca.train.callbacks import Callback, TimeBudget
+from franca.train.checkpointing import list_checkpoints
+from franca.train.config import config_to_dict, load_config
+from franca.train.ssl_model import build_student_teacher
+from franca.train.trainer import Trainer
 
 
 @dataclass
@@ -62,8 +69,6 @@ def training_overrides(
     The schedule lengths (warmups, freezing of the last layer) follow the number of iterations in the preset's
     proportions (:func:`franca.train.config.load_config` scales them); on CUDA the batch and the run are larger.
     """
-    from franca.train.config import load_config
-
     preset = load_config(PRESET)
     cuda = device_type == "cuda"
     iterations = settings.iterations or (CUDA_ITERATIONS if cuda else preset.train.iterations)
@@ -113,9 +118,6 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
 
 def check_resumable(run_dir: Path, config: Any) -> None:
     """Raise ConfigError when ``run_dir`` holds checkpoints of a run with other settings (it would resume wrongly)."""
-    from franca.train.checkpointing import list_checkpoints
-    from franca.train.config import config_to_dict, load_config
-
     saved = run_dir / "config.yaml"
     if not list_checkpoints(run_dir) or not saved.is_file():
         return
@@ -142,9 +144,6 @@ def train_with_budget(
     exported backbone of the iteration reached, so a re-run continues the schedule; a line is logged at every
     checkpoint. A run directory with checkpoints of the same settings is resumed (a finished run is not touched).
     """
-    from franca.train.checkpointing import list_checkpoints
-    from franca.train.trainer import Trainer
-
     run_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(run_dir, config)
     total = config.train.iterations
@@ -228,9 +227,6 @@ PLATEAU_FRACTION = 0.02
 
 def uniform_dino_losses(config: Any) -> list[float]:
     """``ln K_j`` per level: the DINO loss of a student that predicts the uniform distribution (any targets)."""
-    from franca.models.heads import matryoshka_prototype_counts
-    from franca.models.vision_transformer import ARCHITECTURES
-
     heads = config.heads
     if heads.mode == "dinov2":
         return [math.log(heads.n_prototypes)]
@@ -245,8 +241,6 @@ def dino_plateau(run_dir: Path, config: Any, last: int = 5) -> dict[str, Any]:
     A student whose predictions are uniform scores exactly ``sum_j ln K_j`` whatever the targets, so a final loss
     at that value means the run has not started to learn image-level clusters (docs/demo-learning.md).
     """
-    from franca.report import load_metrics_records
-
     uniform = sum(uniform_dino_losses(config))
     path = run_dir / "metrics.jsonl"
     values = [r.get("dino_loss") for r in load_metrics_records(path)] if path.is_file() else []
@@ -262,8 +256,6 @@ def dino_plateau(run_dir: Path, config: Any, last: int = 5) -> dict[str, Any]:
 
 def _last_rate(run_dir: Path) -> float | None:
     """Median images/s over the logged steps of a run (None when nothing was logged)."""
-    from franca.report import load_metrics_records
-
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -274,10 +266,6 @@ def _last_rate(run_dir: Path) -> float | None:
 
 def existing_run(run_dir: Path, log: PhaseLog, mode: str = "slice") -> TrainOutcome:
     """The run in ``run_dir`` as it is (``--eval-only``): its own config.yaml and exported backbone, no training."""
-    from franca.core.errors import CheckpointError
-    from franca.train.checkpointing import list_checkpoints
-    from franca.train.config import load_config
-
     config_path, backbone = run_dir / "config.yaml", run_dir / "teacher_backbone.safetensors"
     checkpoints = list_checkpoints(run_dir)
     if not (config_path.is_file() and backbone.is_file() and checkpoints):
@@ -302,8 +290,6 @@ def obtain_run(
 
 def random_init_backbone(config: Any) -> nn.Module:
     """The backbone at the run's initial weights, built exactly as the trainer builds it (seed, then the pair)."""
-    from franca.train.ssl_model import build_student_teacher
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         _, teacher = build_student_teacher(config)

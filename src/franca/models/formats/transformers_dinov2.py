@@ -35,7 +35,7 @@ WEIGHTS_FILES = (
     "pytorch_model.bin.index.json",
 )
 INDEX_SUFFIX = ".index.json"
-#: The metadata entry under which :func:`franca.models.checkpoints.read_checkpoint` passes a folder's config.json.
+#: The metadata entry under which :func:`franca.models.files.read_checkpoint` passes a folder's config.json.
 CONFIG_METADATA = "transformers_config"
 #: franca's ``interpolate_offset`` and ``interpolate_antialias`` of each transformers model class.
 RESIZE = {
