@@ -18,6 +18,7 @@ from franca.core.errors import ConfigError
 
 __all__ = [
     "BLUR_PROBABILITIES",
+    "blur_probabilities",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropAugmentation",
@@ -34,6 +35,15 @@ BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
     "effective": (0.0, 0.9, 0.5),
     "nominal": (1.0, 0.1, 0.5),
 }
+
+
+def blur_probabilities(blur: str) -> tuple[float, float, float]:
+    """The (first global, second global, local) crop blur probabilities of ``blur`` (a key of
+    :data:`BLUR_PROBABILITIES`); one :class:`ConfigError` line for an unknown mode."""
+    if blur not in BLUR_PROBABILITIES:
+        raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
+    return BLUR_PROBABILITIES[blur]
+
 
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
@@ -131,8 +141,6 @@ class MultiCropAugmentation:
         color_jitter_prob: float = COLOR_JITTER_PROBABILITY,
         grayscale_prob: float = GRAYSCALE_PROBABILITY,
     ) -> None:
-        if blur not in BLUR_PROBABILITIES:
-            raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
         if n_local_crops < 0:
             raise ConfigError(f"n_local_crops must be >= 0, got {n_local_crops}")
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
@@ -144,7 +152,7 @@ class MultiCropAugmentation:
         self.global_scale = (float(global_scale[0]), float(global_scale[1]))
         self.local_scale = (float(local_scale[0]), float(local_scale[1]))
         self.blur = blur
-        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur]
+        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = blur_probabilities(blur)
         self.solarize_prob = float(solarize_prob)
         self.interpolation = _interpolation(interpolation)
         self.mean = tuple(float(m) for m in mean)

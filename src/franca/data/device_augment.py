@@ -26,15 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from franca.core.constants import IMAGENET_MEAN, IMAGENET_STD
-from franca.core.errors import ConfigError
 from franca.data.augmentations import (
     BLUR_KERNEL_SIZE,
-    BLUR_PROBABILITIES,
     BLUR_SIGMA,
     COLOR_JITTER,
     COLOR_JITTER_PROBABILITY,
     GRAYSCALE_PROBABILITY,
     SOLARIZE_THRESHOLD,
+    blur_probabilities,
     check_blur_sigma,
     check_color_jitter,
     check_probability,
@@ -201,9 +200,7 @@ class DeviceMultiCropAugmentation:
         color_jitter_prob: float = COLOR_JITTER_PROBABILITY,
         grayscale_prob: float = GRAYSCALE_PROBABILITY,
     ) -> None:
-        if blur not in BLUR_PROBABILITIES:
-            raise ConfigError(f"unknown blur mode {blur!r}; expected one of {', '.join(BLUR_PROBABILITIES)}")
-        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = BLUR_PROBABILITIES[blur]
+        self.global1_blur_prob, self.global2_blur_prob, self.local_blur_prob = blur_probabilities(blur)
         self.solarize_prob = float(solarize_prob)
         self.blur_sigma = check_blur_sigma(blur_sigma)
         self.jitter_ranges = jitter_ranges(color_jitter)

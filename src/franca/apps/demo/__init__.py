@@ -41,7 +41,6 @@ from franca.apps.demo.evaluation import (
     BackboneEvaluation,
     DemoResults,
     RasaEvaluation,
-    evaluate_backbone,
     score_backbone,
 )
 from franca.apps.demo.flow import run_demo, summary_text
@@ -60,7 +59,6 @@ __all__ = [
     "SplitData",
     "apply_quick",
     "dino_plateau",
-    "evaluate_backbone",
     "load_split",
     "prepare_data",
     "random_init_backbone",

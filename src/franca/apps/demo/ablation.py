@@ -41,7 +41,7 @@ import torch
 
 from franca.apps.demo.ablation_report import write_ablation_report
 from franca.apps.demo.data import DemoData
-from franca.apps.demo.evaluation import evaluate_backbone
+from franca.apps.demo.evaluation import score_backbone
 from franca.apps.demo.progress import PhaseLog, format_duration
 from franca.apps.demo.protocols import run_linear, sliced_curve
 from franca.apps.demo.settings import (
@@ -239,7 +239,7 @@ def obtain_planned(
 def _scores(
     results: dict[str, Any], linear: dict[str, Any], k: int
 ) -> tuple[dict[str, float], dict[int, float]]:
-    """The ablation's metrics from :func:`evaluate_backbone` results and a linear probe."""
+    """The ablation's metrics from :func:`score_backbone` results (as their dict) and a linear probe."""
     curve = sliced_curve(results["sliced_knn"], "sliced", k)
     dim = int(results["sliced_knn"]["feature_dim"])
     metrics = {
@@ -286,9 +286,9 @@ def score_run(
     else:
         model = load_backbone(outcome.run_dir / "teacher_backbone.safetensors")
         name = f"{outcome.mode} {outcome.run_dir.name}"
-        results, train, val = evaluate_backbone(name, model, data, settings, device, log, full=False)
+        results, train, val = score_backbone(name, model, data, settings, device, log, full=False)
         linear = run_linear(train, val, settings.eval, device, seed=settings.seed)
-        metrics, curve = _scores(results, linear, k)
+        metrics, curve = _scores(results.to_dict(), linear, k)
     write_metrics_json(cache, {"key": key, "metrics": metrics, "sliced_curve": curve})
     return metrics, curve
 

@@ -175,20 +175,6 @@ def score_backbone(
     return results, train, val
 
 
-def evaluate_backbone(
-    name: str,
-    model: nn.Module,
-    data: DemoData,
-    settings: DemoSettings,
-    device: torch.device,
-    log: PhaseLog,
-    full: bool = True,
-) -> tuple[dict[str, Any], Features, Features]:
-    """:func:`score_backbone` with the results as their JSON dict (:meth:`BackboneEvaluation.to_dict`)."""
-    results, train, val = score_backbone(name, model, data, settings, device, log, full)
-    return results.to_dict(), train, val
-
-
 @dataclass
 class RasaEvaluation:
     """RASA trained on the trained backbone's patch features, and HummingBird on the RASA-projected features."""
