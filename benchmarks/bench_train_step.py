@@ -26,7 +26,7 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -135,7 +135,8 @@ class StepRunner:
     compiled: bool = False
 
     def __post_init__(self) -> None:
-        config = self.config
+        # train.compile as the trainer reads it: the blocks here, the loss's cross-entropy kernels in FrancaLoss
+        self.config = config = replace(self.config, train=replace(self.config.train, compile=self.compiled))
         torch.manual_seed(config.train.seed)
         self.student, self.teacher = build_student_teacher(config)
         self.student.to(self.device).train()

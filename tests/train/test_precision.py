@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 # Helpers of the 2-rank tests next to this file (pytest puts this folder on sys.path: tests/ has no __init__.py).
 from test_distributed_training import PER_RANK, TINY, WORLD_SIZE, _batch, _full, _full_batch, _init
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compilers import needs_cpp_compiler  # noqa: E402  (tests/compilers.py, beside the test folders)
 from franca.models.layers import Block
 from franca.ssl import DinoLoss, IBotPatchLoss, TeacherTargets, koleo_loss, sinkhorn_knopp
 from franca.train.config import load_config
@@ -514,16 +515,7 @@ def test_fp16_grad_scaler_skips_nonfinite_steps_and_backs_off(tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------------------------------------------ torch.compile
-def _cpp_compiler() -> str | None:
-    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    return None
-
-
-@pytest.mark.skipif(
-    _cpp_compiler() is None, reason="inductor builds CPU kernels with a C++ compiler; none found"
-)
+@needs_cpp_compiler
 def test_compiled_block_equals_eager_block_on_multi_crop_lists() -> None:
     """``Block.compile()`` as the trainer does (inductor): outputs and gradients of a global + local crop list."""
     import torch._dynamo
@@ -559,3 +551,13 @@ def test_compiled_block_equals_eager_block_on_multi_crop_lists() -> None:
     for name, expected in ref_grads.items():
         scale = float(expected.abs().max())
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_train_compile_reaches_the_loss_kernels(compiled: bool) -> None:
+    """``train.compile`` compiles the blocks (above) and the DINO and iBOT cross-entropy kernels."""
+    from franca.train.ssl_model import FrancaLoss
+
+    config = _config(f"train.compile={str(compiled).lower()}")
+    loss = FrancaLoss(config, [16, 32], [16, 32])
+    assert loss.dino_loss.compiled is compiled and loss.ibot_loss.compiled is compiled

@@ -3,7 +3,8 @@
 The DINO and iBOT losses work on one tensor per Matryoshka level (lists ordered like the head's levels); each
 level's cross-entropy is computed on its own and the total is the weighted sum over levels (equal weights by
 default, as in the paper). All loss maths runs in fp32 with autocast disabled, so the same code serves CPU fp32
-and CUDA bf16 training.
+and CUDA bf16 training; the cross-entropies over the prototypes go through
+:func:`~franca.ssl.cross_entropy.soft_cross_entropy`, which keeps no fp32 copy of the logits for the backward pass.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from franca.ssl.cross_entropy import soft_cross_entropy
 
 __all__ = ["DinoLoss", "IBotPatchLoss", "LevelLosses", "koleo_loss"]
 
@@ -55,16 +58,27 @@ class _LevelLoss(nn.Module):
     """Shared settings of the per-level losses: the student temperature and optional per-level weights."""
 
     def __init__(
-        self, student_temperature: float = 0.1, level_weights: Sequence[float] | None = None
+        self,
+        student_temperature: float = 0.1,
+        level_weights: Sequence[float] | None = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         if student_temperature <= 0:
             raise ValueError(f"student temperature must be positive, got {student_temperature}")
         self.student_temperature = student_temperature
         self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+        self.compiled = compiled  # the cross-entropy kernels through torch.compile (train.compile)
 
     def extra_repr(self) -> str:
-        return f"student_temperature={self.student_temperature}, level_weights={self.level_weights}"
+        return (
+            f"student_temperature={self.student_temperature}, level_weights={self.level_weights}, "
+            f"compiled={self.compiled}"
+        )
+
+    def _cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-row -sum_k t log softmax(s / student_temperature), fp32 ``[R]`` (:func:`soft_cross_entropy`)."""
+        return soft_cross_entropy(logits, targets, self.student_temperature, compiled=self.compiled)
 
 
 class DinoLoss(_LevelLoss):
@@ -99,24 +113,25 @@ class DinoLoss(_LevelLoss):
             raise ValueError(
                 f"teacher_probs {tuple(teacher_probs.shape)} must match student_global {tuple(student_global.shape)}"
             )
-        batch_size = student_global.shape[1]
-        with torch.autocast(device_type=student_global.device.type, enabled=False):
-            teacher = teacher_probs.float()
-            global_log_probs = F.log_softmax(student_global.float() / self.student_temperature, dim=-1)
-            # sum over the two cross-view pairs of the batch-mean cross-entropy; teacher.flip(0) is the view swap
-            loss_sum = -(teacher.flip(0) * global_log_probs).sum() / batch_size
-            n_local = 0
-            if student_local is not None and student_local.shape[0] > 0:
-                if student_local.dim() != 3 or student_local.shape[1:] != student_global.shape[1:]:
-                    raise ValueError(
-                        f"student_local must be [n_local, B, K] with B, K of student_global, "
-                        f"got {tuple(student_local.shape)}"
-                    )
-                n_local = student_local.shape[0]
-                local_log_probs = F.log_softmax(student_local.float() / self.student_temperature, dim=-1)
-                # sum_{l,v} sum_{b,k} t[v,b,k] * lsm[l,b,k] == sum_{b,k} (sum_v t)(sum_l lsm), without [n_local, 2] pairs
-                loss_sum = loss_sum - (teacher.sum(dim=0) * local_log_probs.sum(dim=0)).sum() / batch_size
-            return loss_sum / (2 + 2 * n_local)
+        batch_size, width = student_global.shape[1:]
+        teacher = teacher_probs.detach()
+        # the two cross-view pairs, summed, of the batch-mean cross-entropy; teacher.flip(0) is the view swap
+        loss_sum = self._cross_entropy(
+            student_global.reshape(-1, width), teacher.flip(0).reshape(-1, width)
+        ).sum()
+        n_local = 0
+        if student_local is not None and student_local.shape[0] > 0:
+            if student_local.dim() != 3 or student_local.shape[1:] != student_global.shape[1:]:
+                raise ValueError(
+                    f"student_local must be [n_local, B, K] with B, K of student_global, "
+                    f"got {tuple(student_local.shape)}"
+                )
+            n_local = student_local.shape[0]
+            # sum_v CE(s_l, t_v) == CE(s_l, sum_v t_v): one cross-entropy per local crop, against both views at once
+            both_views = teacher.float().sum(dim=0)
+            for crop in student_local:
+                loss_sum = loss_sum + self._cross_entropy(crop, both_views).sum()
+        return loss_sum / batch_size / (2 + 2 * n_local)
 
     def forward(
         self,
@@ -175,10 +190,8 @@ class IBotPatchLoss(_LevelLoss):
             raise ValueError(
                 f"masked_weights must be [M={student_logits.shape[0]}], got {tuple(masked_weights.shape)}"
             )
-        with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            log_probs = F.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
-            per_patch = -(teacher_probs.float() * log_probs).sum(dim=-1)
-            return (per_patch * masked_weights.float()).sum() / n_global_crops
+        per_patch = self._cross_entropy(student_logits, teacher_probs.detach())
+        return (per_patch * masked_weights.float()).sum() / n_global_crops
 
     def forward(
         self,

@@ -197,8 +197,9 @@ class FrancaLoss(nn.Module):
         self.ibot_targets = TeacherTargets(
             loss_cfg.centering, ibot_prototypes, loss_cfg.center_momentum, loss_cfg.sk_iterations
         )
-        self.dino_loss = DinoLoss(loss_cfg.student_temp, loss_cfg.level_weights)
-        self.ibot_loss = IBotPatchLoss(loss_cfg.student_temp, loss_cfg.level_weights)
+        compiled = config.train.compile  # the blocks and the cross-entropy kernels
+        self.dino_loss = DinoLoss(loss_cfg.student_temp, loss_cfg.level_weights, compiled)
+        self.ibot_loss = IBotPatchLoss(loss_cfg.student_temp, loss_cfg.level_weights, compiled)
 
     def forward(self, student: dict, teacher: dict, batch: TrainBatch, teacher_temp: float) -> StepLosses:
         n_global = batch.global_crops.shape[0]
