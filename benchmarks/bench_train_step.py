@@ -1,7 +1,8 @@
 """Franca training-step throughput and MFU: the real step (teacher, student, loss, backward, AdamW, EMA) on random crops.
 
     python benchmarks/bench_train_step.py [--configs tiny vit_small] [--batch 2] [--steps 3] [--device cpu]
-                                          [--dtype fp32] [--compile] [--small-heads] [--phases] [--json OUT]
+                                          [--dtype fp32] [--compile] [--strategy fsdp] [--small-heads] [--phases]
+                                          [--json OUT]
 
 Each preset builds the networks, loss and optimiser exactly as the trainer does (franca.train.ssl_model,
 franca.train.optim, franca.train.ema) and times the same step as ``Trainer.train_step`` on pre-built synthetic
@@ -24,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from common import (
     checked_device,
     machine_info,
@@ -48,7 +52,7 @@ from franca.train.config import TrainConfig, load_config
 from franca.train.ema import ema_update_, pair_parameters
 from franca.train.flops import franca_step_flops, measure_peak_flops, mfu, num_tokens, vit_config_from_train
 from franca.train.optim import apply_schedules, build_optimizer, build_param_groups, clip_grad_norm_per_module
-from franca.train.parallel import parallelize
+from franca.train.parallel import local_tensor, parallelize
 from franca.train.schedules import Schedules
 from franca.train.ssl_model import FrancaLoss, build_student_teacher
 
@@ -133,6 +137,9 @@ class StepRunner:
     device: torch.device
     autocast_dtype: torch.dtype | None
     compiled: bool = False
+    strategy: str = (
+        "ddp"  # "fsdp": FSDP2 in a one-process group, with the trainer's bf16 mixed-precision policy
+    )
 
     def __post_init__(self) -> None:
         # train.compile as the trainer reads it: the blocks here, the loss's cross-entropy kernels in FrancaLoss
@@ -141,13 +148,14 @@ class StepRunner:
         self.student, self.teacher = build_student_teacher(config)
         self.student.to(self.device).train()
         self.teacher.to(self.device).eval()
-        # as the trainer (one process: no data-parallel wrapper)
-        parallelize(
+        # as the trainer: "ddp" in one process is no wrapper; "fsdp" shards over the one-process group
+        self.student_forward = parallelize(
             self.student,
             self.teacher,
-            "ddp",
+            self.strategy,
             self.device,
             self.autocast_dtype,
+            reshard_after_forward=config.distributed.fsdp_reshard_after_forward,
             activation_checkpointing=config.train.activation_checkpointing,
             compile_blocks=self.compiled,
         )
@@ -161,7 +169,11 @@ class StepRunner:
             n_blocks=self.student.backbone.n_blocks,
         )
         self.optimizer = build_optimizer(groups, config.optim.adamw_betas, self.device.type)
-        self.ema_pairs = pair_parameters(self.teacher, self.student)
+        teacher_params, student_params = pair_parameters(self.teacher, self.student)
+        self.ema_pairs = (
+            [local_tensor(p) for p in teacher_params],
+            [local_tensor(p) for p in student_params],
+        )
         # an iteration past the prototype freeze, so that every parameter is updated
         self.schedule = Schedules.from_config(config)[config.optim.freeze_last_layer_iterations]
 
@@ -186,7 +198,7 @@ class StepRunner:
             teacher_out = self.teacher(batch, teacher=True)
         lap("teacher")
         with self.autocast():
-            student_out = self.student(batch)
+            student_out = self.student_forward(batch)
         lap("student")
         losses = self.loss_fn(student_out, teacher_out, batch, schedule.teacher_temp)
         lap("losses")
@@ -200,6 +212,21 @@ class StepRunner:
         with torch.no_grad():
             ema_update_(self.ema_pairs[0], self.ema_pairs[1], schedule.teacher_momentum)
         lap("ema")
+
+
+def join_one_process_group(device: torch.device) -> None:
+    """A process group of this process alone (what ``torchrun --nproc_per_node 1`` gives the trainer), so that
+    ``strategy="fsdp"`` shards over it; a group that exists (under torchrun) is kept."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _can_compile() -> bool:
@@ -218,6 +245,7 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device, dtype_
         "config": name,
         "device": device.type,
         "dtype": dtype_name,
+        "strategy": args.strategy,
         "batch": batch_size,
         "prototypes": config.heads.n_prototypes,
         "crops": f"{config.crops.global_size}/{config.crops.local_size}x{config.crops.n_local}",
@@ -227,7 +255,7 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device, dtype_
         print(f"[{name}] this torch has no nn.Module.compile: running eagerly")
     batches = synthetic_batches(config, batch_size, device, count=min(args.warmup + args.steps, 4))
     try:
-        runner = StepRunner(config, device, DTYPES[dtype_name], compiled)
+        runner = StepRunner(config, device, DTYPES[dtype_name], compiled, args.strategy)
         reset_peak_memory(device)
         try:
             for index in range(args.warmup):
@@ -240,7 +268,7 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device, dtype_
             )
             compiled = False
             del runner
-            runner = StepRunner(config, device, DTYPES[dtype_name], False)
+            runner = StepRunner(config, device, DTYPES[dtype_name], False, args.strategy)
             reset_peak_memory(device)
             for index in range(args.warmup):
                 runner.step(batches[index % len(batches)])
@@ -313,7 +341,16 @@ def main() -> None:
         default=None,
         help="autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is ~20x slower)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    parser.add_argument(
+        "--compile", action="store_true", help="train.compile: every block and the loss kernels"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="ddp: no wrapper in one process (autocast casts the fp32 weights at every use); fsdp: FSDP2 over a "
+        "one-process group as `torchrun --nproc_per_node 1 franca train` runs it (bf16 weight copies once per step)",
+    )
     parser.add_argument(
         "--small-heads", action="store_true", help="8192 prototypes instead of 131072 (S/B/L)"
     )
@@ -331,6 +368,8 @@ def main() -> None:
     configs = args.configs or (list(PRESETS) if on_cuda else ["tiny"])
     if args.steps < 1 or args.warmup < 1:
         sys.exit("--steps and --warmup must be at least 1")
+    if args.strategy == "fsdp":
+        join_one_process_group(device)
 
     print(f"{device}, {dtype_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows = []
@@ -346,6 +385,7 @@ def main() -> None:
         ("config", "config", ""),
         ("device", "device", ""),
         ("dtype", "dtype", ""),
+        ("strategy", "strategy", ""),
         ("batch", "batch", "d"),
         ("images_per_s", "images/s", ".2f"),
         ("tokens_per_s", "tokens/s", ".0f"),
@@ -376,6 +416,7 @@ def main() -> None:
             "machine": machine_info(device),
             "peak_dtype": dtype_name,
             "settings": {"steps": args.steps, "warmup": args.warmup, "compile": args.compile,
+                         "strategy": args.strategy,
                          "small_heads": args.small_heads, "phases": args.phases},
             "rows": rows,
         },

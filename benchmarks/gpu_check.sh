@@ -5,16 +5,18 @@
 #      measured bf16 matrix-product rate, peak memory, per-phase times),
 #   2. the iBOT loss of the widest level (6144 x 131072): franca's soft_cross_entropy, eager and compiled, against
 #      the plain form (time, peak memory),
-#   3. a kernel-level profile of the ViT-L step (attention backend, head matmuls, Sinkhorn-Knopp, AdamW, EMA, host
+#   3. the ViT-L and ViT-S steps under FSDP2 in a one-process group (--strategy fsdp: the trainer's bf16
+#      mixed-precision policy casts the weights once per step instead of autocast at every use; table in the log),
+#   4. a kernel-level profile of the ViT-L step (attention backend, head matmuls, Sinkhorn-Knopp, AdamW, EMA, host
 #      synchronisations),
-#   4. the real `franca train` loop through torchrun (1 process, distributed.strategy=fsdp: FSDP2 with the bf16
+#   5. the real `franca train` loop through torchrun (1 process, distributed.strategy=fsdp: FSDP2 with the bf16
 #      mixed-precision policy) at the paper's crops (224/98 x 8, ViT-S, paper heads, 14 data workers) on generated
 #      224-px images: per-image augmentation for 60 iterations (a checkpoint at the end), then the same run directory
 #      resumed to 120 iterations with crops.augment_on_device=true (the checkpoint read back on the GPU),
-#   5. backbone inference against timm at 224 and 518 px (ViT-L, batch 64, bf16),
-#   6. a short `franca demo` on the GPU (90-second training budget),
-#   7. the batched photometric augmentation on the GPU,
-#   8. the ViT-L step with train.compile (per-block torch.compile and the compiled loss kernels).
+#   6. backbone inference against timm at 224 and 518 px (ViT-L, batch 64, bf16),
+#   7. a short `franca demo` on the GPU (90-second training budget),
+#   8. the batched photometric augmentation on the GPU,
+#   9. the ViT-L step with train.compile (per-block torch.compile and the compiled loss kernels).
 # Every step has its own time limit, so a slow one cannot take the others' results with it. Output goes to
 # ${OUT:-benchmarks/out/gpu}: check.log (everything printed) plus the benchmarks' JSON, the two loop runs' metrics and
 # the demo's metrics.json (eight files at most: what the device tool brings back).
@@ -85,6 +87,8 @@ export -f loop_run  # `timeout` runs programs, so the loop steps call it through
 
 step train_step 170 "$python" benchmarks/bench_train_step.py --device cuda --phases --json "$out/train_step.json"
 step loss 45 "$python" benchmarks/bench_loss.py --device cuda --compile
+step train_step_fsdp 110 "$python" benchmarks/bench_train_step.py --device cuda --configs vit_large vit_small \
+    --strategy fsdp --phases --json "$scratch/train_step_fsdp.json"
 step profile 60 "$python" benchmarks/profile_train_step.py --config vit_large --device cuda --rows 40 \
     --json "$out/profile.json"
 step synth 40 "$python" -m franca data synth --out "$scratch/synth" --num-images 4000 --val-images 0 --size 224 \
