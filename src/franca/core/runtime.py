@@ -50,3 +50,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def to_floats(values: list[torch.Tensor]) -> list[float]:
+    """Scalar tensors (0-dim or one element, on one device) as Python floats, read in one device-to-host copy: one
+    host synchronisation for all of them where ``float()`` of each would wait for the device once per value."""
+    if not values:
+        return []
+    return torch.stack([value.detach().reshape(()).double() for value in values]).tolist()

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from franca.core.runtime import to_floats
+
 _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.(?:(\d+)\.)?")
 _FIRST_LAYER_NAMES = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
 
@@ -159,10 +161,10 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last
         group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
 
 
-def _full_norm(norm: torch.Tensor) -> float:
+def _full_norm(norm: torch.Tensor) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):  # a DTensor from FSDP2 / tensor parallelism
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def _grads_present(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -178,7 +180,7 @@ def clip_grad_norm_per_module(modules: Mapping[str, nn.Module], max_norm: float)
     """
     if max_norm <= 0:
         return {}
-    norms: dict[str, float] = {}
+    norms: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         if hasattr(module, "clip_grad_norm_") and callable(module.clip_grad_norm_):
             norms[name] = _full_norm(module.clip_grad_norm_(max_norm))
@@ -187,7 +189,7 @@ def clip_grad_norm_per_module(modules: Mapping[str, nn.Module], max_norm: float)
         if not parameters:
             continue
         norms[name] = _full_norm(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-    return norms
+    return dict(zip(norms, to_floats(list(norms.values()))))  # one host synchronisation for all modules
 
 
 def count_parameters(param_groups: Sequence[Mapping[str, Any]]) -> int:

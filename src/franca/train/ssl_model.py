@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from franca.core.errors import CheckpointError, ConfigError
+from franca.core.runtime import to_floats
 from franca.data.batch import TrainBatch
 from franca.models.checkpoints import load_backbone
 from franca.models.heads import DINOHead, MatryoshkaHead, load_heads
@@ -164,15 +165,16 @@ class StepLosses:
     ibot_levels: list[Tensor]
 
     def log_values(self) -> dict[str, float]:
-        values = {
-            "loss": float(self.total.detach()),
-            "dino_loss": float(self.dino.detach()),
-            "ibot_loss": float(self.ibot.detach()),
-            "koleo_loss": float(self.koleo.detach()),
+        """The losses as floats, read from the device in one copy (one host synchronisation, not one per value)."""
+        tensors = {
+            "loss": self.total,
+            "dino_loss": self.dino,
+            "ibot_loss": self.ibot,
+            "koleo_loss": self.koleo,
         }
-        values.update({f"dino_loss_level{j}": float(v.detach()) for j, v in enumerate(self.dino_levels)})
-        values.update({f"ibot_loss_level{j}": float(v.detach()) for j, v in enumerate(self.ibot_levels)})
-        return values
+        tensors.update({f"dino_loss_level{j}": v for j, v in enumerate(self.dino_levels)})
+        tensors.update({f"ibot_loss_level{j}": v for j, v in enumerate(self.ibot_levels)})
+        return dict(zip(tensors, to_floats(list(tensors.values()))))
 
 
 class FrancaLoss(nn.Module):
