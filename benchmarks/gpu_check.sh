@@ -16,7 +16,7 @@
 #   6. backbone inference against timm at 224 and 518 px (ViT-L, batch 64, bf16),
 #   7. a short `franca demo` on the GPU (90-second training budget),
 #   8. the batched photometric augmentation on the GPU,
-#   9. the ViT-L step with train.compile (per-block torch.compile and the compiled loss kernels).
+#   9. the ViT-L step with train.compile (torch.compile of every block and head, and the loss kernels).
 # Every step has its own time limit, so a slow one cannot take the others' results with it. Output goes to
 # ${OUT:-benchmarks/out/gpu}: check.log (everything printed) plus the benchmarks' JSON, the two loop runs' metrics and
 # the demo's metrics.json (eight files at most: what the device tool brings back).

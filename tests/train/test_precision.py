@@ -553,6 +553,41 @@ def test_compiled_block_equals_eager_block_on_multi_crop_lists() -> None:
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+@needs_cpp_compiler
+def test_compiled_matryoshka_head_equals_eager_head() -> None:
+    """``MatryoshkaHead.compile()`` as ``train.compile`` does: every level's logits and every gradient, for two
+    masked-patch counts (the iBOT head sees another count each step)."""
+    import torch._dynamo
+
+    from franca.models.heads import MatryoshkaHead
+
+    torch.manual_seed(0)
+    head = MatryoshkaHead(32, n_prototypes=64, hidden_dim=48, bottleneck_dim=16, mode="slice", init="fan_in")
+    eager = copy.deepcopy(head)
+    head.compile()
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(4)
+    for rows in (7, 11):
+        tokens = torch.randn(rows, 32, generator=generator)
+        results = []
+        for module in (head, eager):
+            module.zero_grad(set_to_none=True)
+            inputs = tokens.clone().requires_grad_()
+            logits = module(inputs)
+            sum((level * torch.linspace(-1, 1, level.shape[-1])).sum() for level in logits).backward()
+            results.append((logits, inputs.grad, {n: p.grad for n, p in module.named_parameters()}))
+        (logits, input_grad, grads), (ref_logits, ref_input_grad, ref_grads) = results
+        assert [level.shape for level in logits] == [level.shape for level in ref_logits]
+        for got, expected in zip(logits, ref_logits):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-4, atol=1e-5)
+        for name, expected in ref_grads.items():
+            if expected is not None:
+                scale = float(expected.abs().max())
+                torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_train_compile_reaches_the_loss_kernels(compiled: bool) -> None:
     """``train.compile`` compiles the blocks (above) and the DINO and iBOT cross-entropy kernels."""

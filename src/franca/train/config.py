@@ -242,7 +242,7 @@ class RunConfig:
     seed: int = setting(0, ge=0)
     num_workers: int = setting(8, ge=0)
     precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = False  # torch.compile of every block and of the losses' cross-entropy kernels
+    compile: bool = False  # torch.compile of every block and head and of the losses' cross-entropy kernels
     activation_checkpointing: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int = setting(12500, gt=0)

@@ -76,8 +76,9 @@ def parallelize(
     """Prepare both networks for training, in DINOv3's order; returns the module to call for the student forward.
 
     1. activation checkpointing of the student's blocks (recomputed in the backward instead of stored);
-    2. ``torch.compile`` of every block of both networks (each block's forward, which also takes the multi-crop
-       lists), before sharding so that FSDP2's hooks stay outside the compiled graphs;
+    2. ``torch.compile`` of every block and of the DINO and iBOT heads of both networks (each module's forward; a
+       block's also takes the multi-crop lists), before sharding so that FSDP2's hooks stay outside the compiled
+       graphs;
     3. data parallelism: FSDP2 per block and head with prefetching, or DDP (see :func:`wrap_for_training`).
 
     With ``meta_init`` (networks built on the meta device under that recorder), the networks are allocated on
@@ -88,8 +89,8 @@ def parallelize(
         student.backbone.set_grad_checkpointing(True)
     if compile_blocks:
         for network in (student, teacher):
-            for block in network.backbone.blocks:
-                block.compile()
+            for module in (*network.backbone.blocks, network.dino_head, network.ibot_head):
+                module.compile()
     sharded = strategy == "fsdp" and dist_utils.is_enabled()
     if meta_init is not None and not sharded:
         _materialize(student, teacher, meta_init, device)
