@@ -184,3 +184,10 @@ def test_weights_past_the_protobuf_limit_go_to_one_data_file_beside_the_graph(tm
     torch.testing.assert_close(
         OnnxBackbone(moved / "model.onnx")(images), expected["cls"], atol=1e-5, rtol=1e-5
     )
+
+    monkeypatch.setattr(
+        onnx_graph, "_PROTOBUF_LIMIT", 2 * weight_bytes
+    )  # the same model now fits in the graph
+    export_backbone(model, path, "onnx")
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # the old weights file is gone with it
+    _assert_same(path, model, 1, 42, 42)
