@@ -581,11 +581,32 @@ def test_compiled_matryoshka_head_equals_eager_head() -> None:
         for got, expected in zip(logits, ref_logits):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-4, atol=1e-5)
+        assert {n for n, g in grads.items() if g is None} == {n for n, g in ref_grads.items() if g is None}
         for name, expected in ref_grads.items():
             if expected is not None:
                 scale = float(expected.abs().max())
                 torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+
+
+def test_train_compile_marks_every_block_and_head_for_compilation() -> None:
+    """``parallelize(compile_blocks=True)`` (train.compile) compiles each block and both heads of both networks, and
+    nothing without it (nn.Module.compile sets the module's compiled call; compilation itself waits for a call)."""
+    from franca.train.parallel import parallelize
+    from franca.train.ssl_model import build_student_teacher
+
+    def compiled_modules(network: torch.nn.Module) -> list[bool]:
+        modules = [*network.backbone.blocks, network.dino_head, network.ibot_head]
+        return [getattr(module, "_compiled_call_impl", None) is not None for module in modules]
+
+    for flag in (False, True):
+        student, teacher = build_student_teacher(_config())
+        parallelize(student, teacher, "ddp", torch.device("cpu"), None, compile_blocks=flag)
+        assert (
+            compiled_modules(student)
+            == compiled_modules(teacher)
+            == [flag] * (len(student.backbone.blocks) + 2)
+        )
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -648,8 +648,9 @@ def render_sample(
 
     ``rng`` is a numpy Generator or a seed (int or sequence of ints for ``np.random.default_rng``). ``class_id``
     fixes the main object's class (random when None); ``num_distractors`` fixes the number of smaller objects
-    (random in ``style.num_distractors`` when None); ``style`` sets the difficulty. Returns (RGB PIL image of size x size, uint8 mask (size, size) with 0 = background,
-    class_id + 1 = object, 255 = ignore, see the module docstring, class_id of the main object).
+    (random in ``style.num_distractors`` when None); ``style`` sets the difficulty. Returns (RGB PIL image of
+    size x size, uint8 mask (size, size) with 0 = background, class_id + 1 = object, 255 = ignore, see the module
+    docstring, class_id of the main object).
     """
     if size < MIN_SIZE:
         raise ConfigError(f"synthetic image size {size} is too small; use --size {MIN_SIZE} or more")
@@ -672,12 +673,42 @@ def render_sample(
     margin = 0.85 * main_radius
     main_center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
     main = _plan_object(rng, class_id, main_center, main_radius, canvas_size, scale, background_mean, style)
+    behind, in_front = _plan_distractors(
+        rng, main, main_radius, num_distractors, size, scale, background_mean, style
+    )
+    labels = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    objects = [*behind, main, *in_front]
+    for planned in objects:  # back to front
+        _paint(rng, planned, canvas, labels, size, scale, style)
+
+    pixels = np.asarray(Image.fromarray(canvas, "RGB").reduce(scale), dtype=np.float32)  # box filter
+    noise_std = rng.uniform(0.0, style.max_noise_std)  # mild sensor noise
+    pixels += rng.normal(0.0, noise_std, pixels.shape).astype(np.float32)
+    image = Image.fromarray((np.clip(pixels, 0.0, 255.0) + 0.5).astype(np.uint8), "RGB")
+    candidates = [BACKGROUND_LABEL] + [planned.class_id + 1 for planned in objects]
+    return image, _majority_labels(labels, size, scale, candidates), class_id
+
+
+def _plan_distractors(
+    rng: np.random.Generator,
+    main: _PlannedObject,
+    main_radius: float,
+    count: int,
+    size: int,
+    scale: int,
+    background_mean: np.ndarray,
+    style: SynthStyle,
+) -> tuple[list[_PlannedObject], list[_PlannedObject]]:
+    """``count`` objects of random classes, sized relative to ``main_radius``, split into those behind the main object
+    and those in front of it (a distractor that asks to be in front is put behind when it would hide more than
+    ``style.max_hidden_fraction`` of the main object)."""
+    canvas_size = size * scale
     behind: list[_PlannedObject] = []
     in_front: list[_PlannedObject] = []
     main_area = max(np.count_nonzero(main.coverage), 1)
     hidden = np.zeros((canvas_size, canvas_size), dtype=bool)
-    for _ in range(num_distractors):
-        distractor_class = int(rng.integers(num_classes))
+    for _ in range(count):
+        distractor_class = int(rng.integers(len(CLASS_NAMES)))
         center = (float(rng.uniform(0.0, size)), float(rng.uniform(0.0, size)))
         radius = main_radius * float(rng.uniform(*style.distractor_scale))
         distractor = _plan_object(
@@ -690,37 +721,39 @@ def render_sample(
                 in_front.append(distractor)
                 continue
         behind.append(distractor)
+    return behind, in_front
 
-    labels = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
-    objects = [*behind, main, *in_front]
-    for planned in objects:
-        if style.class_textures:
-            texture = _class_texture(
-                rng,
-                planned.class_id,
-                planned.spec.center,
-                planned.colours,
-                size,
-                shades=style.texture_contrast is None,
-                period_jitter=style.texture_period_jitter,
-            )
-        else:
-            _, texture = _sample_texture(
-                rng, planned.spec.center, planned.spec.radius, planned.colours, style.texture_weights
-            )
-        rows, cols = np.nonzero(planned.coverage)
-        rows += planned.top
-        cols += planned.left
-        colours = texture((cols.astype(np.float32) + 0.5) / scale, (rows.astype(np.float32) + 0.5) / scale)
-        canvas[rows, cols] = _to_bytes(colours)
-        labels[rows, cols] = planned.class_id + 1
 
-    pixels = np.asarray(Image.fromarray(canvas, "RGB").reduce(scale), dtype=np.float32)  # box filter
-    noise_std = rng.uniform(0.0, style.max_noise_std)  # mild sensor noise
-    pixels += rng.normal(0.0, noise_std, pixels.shape).astype(np.float32)
-    image = Image.fromarray((np.clip(pixels, 0.0, 255.0) + 0.5).astype(np.uint8), "RGB")
-    candidates = [BACKGROUND_LABEL] + [planned.class_id + 1 for planned in objects]
-    return image, _majority_labels(labels, size, scale, candidates), class_id
+def _paint(
+    rng: np.random.Generator,
+    planned: _PlannedObject,
+    canvas: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    scale: int,
+    style: SynthStyle,
+) -> None:
+    """Draw ``planned`` with its texture into the supersampled ``canvas`` and its label into ``labels`` (in place)."""
+    if style.class_textures:
+        texture = _class_texture(
+            rng,
+            planned.class_id,
+            planned.spec.center,
+            planned.colours,
+            size,
+            shades=style.texture_contrast is None,
+            period_jitter=style.texture_period_jitter,
+        )
+    else:
+        _, texture = _sample_texture(
+            rng, planned.spec.center, planned.spec.radius, planned.colours, style.texture_weights
+        )
+    rows, cols = np.nonzero(planned.coverage)
+    rows += planned.top
+    cols += planned.left
+    colours = texture((cols.astype(np.float32) + 0.5) / scale, (rows.astype(np.float32) + 0.5) / scale)
+    canvas[rows, cols] = _to_bytes(colours)
+    labels[rows, cols] = planned.class_id + 1
 
 
 def _majority_labels(labels: np.ndarray, size: int, scale: int, candidates: Sequence[int]) -> np.ndarray:

@@ -199,7 +199,7 @@ class FrancaLoss(nn.Module):
         self.ibot_targets = TeacherTargets(
             loss_cfg.centering, ibot_prototypes, loss_cfg.center_momentum, loss_cfg.sk_iterations
         )
-        compiled = config.train.compile  # the blocks and the cross-entropy kernels
+        compiled = config.train.compile  # train.compile also compiles the losses' cross-entropy kernels
         self.dino_loss = DinoLoss(loss_cfg.student_temp, loss_cfg.level_weights, compiled)
         self.ibot_loss = IBotPatchLoss(loss_cfg.student_temp, loss_cfg.level_weights, compiled)
 

@@ -41,7 +41,7 @@ import torch
 
 from franca.apps.demo.ablation_report import write_ablation_report
 from franca.apps.demo.data import DemoData
-from franca.apps.demo.evaluation import score_backbone
+from franca.apps.demo.evaluation import BackboneEvaluation, score_backbone
 from franca.apps.demo.progress import PhaseLog, format_duration
 from franca.apps.demo.protocols import run_linear, sliced_curve
 from franca.apps.demo.settings import (
@@ -237,16 +237,16 @@ def obtain_planned(
 
 # ---------------------------------------------------------------------------------------------------- the scores
 def _scores(
-    results: dict[str, Any], linear: dict[str, Any], k: int
+    results: BackboneEvaluation, linear: dict[str, Any], k: int
 ) -> tuple[dict[str, float], dict[int, float]]:
-    """The ablation's metrics from :func:`score_backbone` results (as their dict) and a linear probe."""
-    curve = sliced_curve(results["sliced_knn"], "sliced", k)
-    dim = int(results["sliced_knn"]["feature_dim"])
+    """The ablation's metrics from :func:`score_backbone` results and a linear probe's."""
+    curve = sliced_curve(results.sliced_knn, "sliced", k)
+    dim = int(results.sliced_knn["feature_dim"])
     metrics = {
-        "knn_top1": float(results["knn"]["top1"]),
+        "knn_top1": float(results.knn_top1),
         "knn_d16_top1": curve[dim // 16],
         "knn_d4_top1": curve[dim // 4],
-        "hummingbird_miou": float(results["hummingbird"]["miou"]),
+        "hummingbird_miou": float(results.hummingbird_miou),
         "linear_top1": float(linear["top1"]),
     }
     return metrics, curve
@@ -272,7 +272,7 @@ def score_run(
     settings: DemoSettings,
     device: torch.device,
     log: PhaseLog,
-    known: dict[str, Any] | None = None,
+    known: BackboneEvaluation | None = None,
 ) -> tuple[dict[str, float], dict[int, float]]:
     """The metrics and sliced curve of the run's teacher backbone: cached, taken from ``known`` (the demo's own
     results for this backbone) or measured (k-NN, sliced k-NN, HummingBird, linear probe)."""
@@ -282,13 +282,13 @@ def score_run(
         if saved.get("key") == key:
             return saved["metrics"], {int(m): v for m, v in saved["sliced_curve"].items()}
     if known is not None:
-        metrics, curve = _scores(known, known["linear"], k)
+        metrics, curve = _scores(known, known.linear, k)
     else:
         model = load_backbone(outcome.run_dir / "teacher_backbone.safetensors")
         name = f"{outcome.mode} {outcome.run_dir.name}"
         results, train, val = score_backbone(name, model, data, settings, device, log, full=False)
         linear = run_linear(train, val, settings.eval, device, seed=settings.seed)
-        metrics, curve = _scores(results.to_dict(), linear, k)
+        metrics, curve = _scores(results, linear, k)
     write_metrics_json(cache, {"key": key, "metrics": metrics, "sliced_curve": curve})
     return metrics, curve
 
@@ -394,8 +394,8 @@ def head_costs(settings: DemoSettings, data_dir: Path, device: torch.device) -> 
 def run_ablation(
     settings: DemoSettings,
     main_outcome: TrainOutcome,
-    main_results: dict[str, Any],
-    random_results: dict[str, Any],
+    main_results: BackboneEvaluation,
+    random_results: BackboneEvaluation,
     data: DemoData,
     device: torch.device,
     log: PhaseLog,
@@ -445,7 +445,7 @@ def run_ablation(
         "base_iterations": base,
         "batch_size": main_outcome.config.train.batch_size_per_device,
         "step_times": calibration,
-        "random_init": _scores(random_results, random_results["linear"], settings.eval.knn_k)[0],
+        "random_init": _scores(random_results, random_results.linear, settings.eval.knn_k)[0],
         "runs": [run.to_dict() for run in runs],
         **summarise(runs, tuple(settings.ablation_budgets)),
     }

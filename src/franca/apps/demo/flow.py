@@ -52,9 +52,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     random, pca = _evaluate_random(settings, loaded, pca, device, log)
     ablation = None
     if settings.ablation:
-        ablation = run_ablation(
-            settings, outcome, trained.to_dict(), random.to_dict(), loaded.data, device, log
-        )
+        ablation = run_ablation(settings, outcome, trained, random, loaded.data, device, log)
     results = DemoResults(settings, device, loaded.summary, outcome, trained, random, rasa, ablation)
     return _report_phase(results, pca, loaded.data, log)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from franca.core import runtime
 from franca.core.errors import ConfigError
-from franca.core.runtime import resolve_device as resolve
 
 PRESET = "tiny_cpu"
 NUM_SHAPE_CLASSES = 10
@@ -131,7 +131,7 @@ def resolve_device(name: str) -> torch.device:
     """The demo's device; ``cpu`` also hides GPUs from the trainer (it picks CUDA whenever one is visible)."""
     if name == "cpu" and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA first initialises, i.e. by the trainer
-    device = resolve(name)
+    device = runtime.resolve_device(name)
     if device.type == "cuda" and device.index not in (None, 0):
         raise ConfigError(
             f"--device {name}: the demo trains on the first visible GPU; use CUDA_VISIBLE_DEVICES"

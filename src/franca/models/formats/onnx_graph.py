@@ -98,7 +98,8 @@ def export_onnx(model: DinoVisionTransformer, path: str | os.PathLike, opset: in
     The graph is traced at the model's own grid with a batch of 2, then checked with ``onnx.checker``; weights over
     protobuf's 2 GB limit go to ``<path>.data`` beside it (keep the two together). Both files are written under
     temporary names and renamed into place once complete, so an export over an earlier one never appends to or mixes
-    with its data; a ``<path>.data`` left by an earlier export is removed when the new graph holds its weights. Needs the ``onnx`` extra (onnx; onnxruntime to run it).
+    with its data; a ``<path>.data`` left by an earlier export is removed when the new graph holds its weights.
+    Needs the ``onnx`` extra (onnx; onnxruntime to run it).
     """
     import onnx
 
